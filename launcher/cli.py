@@ -1,0 +1,185 @@
+"""``launcher``: the command line of userloop.
+
+Local commands (``validate``, ``data``, ``run``, ``eval``, ``tiny-model``, ``plots``) live here. Nothing heavy is imported at start-up: torch,
+transformers and litellm are loaded only inside the commands that train, and ``run`` starts the
+trainer as its own process (``python -m trainer``), exactly as the pod does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from trainer.errors import EXIT_USAGE, UserError, report
+
+app = typer.Typer(
+    name="launcher",
+    help="Train LLM agents with RL against simulated users: locally (`run`) or on Kubernetes (`submit`).",
+    no_args_is_help=True,
+    # The environment holds API keys: never print local variables in tracebacks.
+    pretty_exceptions_show_locals=False,
+    add_completion=False,
+)
+
+ConfigArg = Annotated[Path, typer.Argument(help="Run config (YAML).", show_default=False)]
+SetOpt = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config value: dotted.key=value (value parsed as YAML). Repeatable."),
+]
+OutputOpt = Annotated[str, typer.Option("--output", "-o", help="Output format: text or json.")]
+
+
+def _load(config: Path, overrides: list[str] | None, check_files: bool = True):
+    from trainer.config import check_paths, load_config
+
+    cfg = load_config(config, overrides)
+    if check_files:
+        check_paths(cfg)
+    return cfg
+
+
+def _fail(err: BaseException) -> typer.Exit:
+    return typer.Exit(report(err))
+
+
+@app.command()
+def validate(config: ConfigArg, set: SetOpt = None, output: OutputOpt = "text") -> None:
+    """Check a config (schema, cross-field rules, input paths) without running anything."""
+    try:
+        cfg = _load(config, set)
+    except UserError as e:
+        if output == "json":
+            print(json.dumps({"status": "error", "message": e.render()}))
+            raise typer.Exit(e.exit_code) from None
+        raise _fail(e) from None
+    if output == "json":
+        print(json.dumps({"status": "success", "config": cfg.model_dump(mode="json")}))
+    else:
+        print(f"{config}: ok ({cfg.algorithm.name}, model {cfg.model.path}, output {cfg.output_dir})")
+
+
+@app.command()
+def data(
+    config: ConfigArg,
+    set: SetOpt = None,
+    output: OutputOpt = "text",
+    split: Annotated[str, typer.Option(help="train or val.")] = "train",
+) -> None:
+    """Load a dataset as the trainer would and show rows, mapped columns and one example."""
+    from trainer import api
+
+    try:
+        cfg = _load(config, set, check_files=False)
+        result = api.inspect_data(cfg, split=split)
+    except UserError as e:
+        _json_or_raise(e, output)
+    if output == "json":
+        print(json.dumps(result.to_dict(), ensure_ascii=False))
+        return
+    print(f"{result.path} ({result.format}): {result.rows} rows")
+    for ours, theirs in result.columns.items():
+        print(f"  {ours:<9} <- {theirs}")
+    print("example:")
+    print(json.dumps(result.example, ensure_ascii=False, indent=2))
+
+
+@app.command()
+def run(
+    config: ConfigArg,
+    set: SetOpt = None,
+    nproc: Annotated[int, typer.Option(help="Local processes (gloo on CPU, NCCL on GPUs), as in a pod.")] = 1,
+) -> None:
+    """Train locally: validates the config, then runs `python -m trainer` (with torchrun when --nproc > 1)."""
+    try:
+        _load(config, set)
+    except UserError as e:
+        raise _fail(e) from None
+    if nproc < 1:
+        raise _fail(UserError("--nproc", f"{nproc}: must be 1 or more"))
+    args = ["--config", str(config)]
+    for item in set or []:
+        args += ["--set", item]
+    if nproc == 1:
+        cmd = [sys.executable, "-m", "trainer", *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "trainer", *args]  # fmt: skip
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    raise typer.Exit(subprocess.call(cmd, env=env))
+
+
+@app.command("eval")
+def eval_(
+    config: ConfigArg,
+    checkpoint: Annotated[str, typer.Option(help="A checkpoint's step_N directory (or its policy/).")],
+    set: SetOpt = None,
+    max_samples: Annotated[int | None, typer.Option(help="Evaluate on at most N validation rows.")] = None,
+) -> None:
+    """Accuracy and mean reward of a checkpoint on the validation set, printed as one JSON object."""
+    from trainer import api
+
+    try:
+        cfg = _load(config, set, check_files=False)
+        result = api.evaluate(cfg, checkpoint=checkpoint, max_samples=max_samples)
+    except UserError as e:
+        print(json.dumps({"status": "error", "message": e.render()}))
+        raise typer.Exit(e.exit_code) from None
+    except Exception as e:  # a result object is promised even when something unexpected breaks
+        print(json.dumps({"status": "error", "message": f"{type(e).__name__}: {e}"}))
+        raise typer.Exit(1) from None
+    print(json.dumps(result.to_dict()))
+
+
+@app.command("tiny-model")
+def tiny_model(
+    out_dir: Annotated[Path, typer.Argument(help="Directory to write the model and tokenizer to.")],
+    force: Annotated[bool, typer.Option(help="Overwrite an existing directory.")] = False,
+    seed: int = 0,
+) -> None:
+    """Build a tiny random-initialised Qwen3-architecture model and a tokenizer trained on the fly."""
+    if out_dir.exists() and any(out_dir.iterdir()) and not force:
+        raise _fail(UserError(str(out_dir), "directory exists and is not empty", hint="pass --force to overwrite"))
+    from trainer.tiny import build_tiny_model
+
+    if force and out_dir.exists():
+        shutil.rmtree(out_dir)
+    info = build_tiny_model(out_dir, seed=seed)
+    print(f"wrote {out_dir}: {info['parameters']:,} parameters, vocabulary {info['vocab_size']}")
+
+
+@app.command()
+def plots(run_dir: Annotated[Path, typer.Argument(help="A run's output_dir.")]) -> None:
+    """(Re)draw plots/*.png from a run's logs/metrics.jsonl."""
+    from trainer.metrics import write_plots
+
+    metrics = run_dir / "logs" / "metrics.jsonl"
+    if not metrics.is_file():
+        raise _fail(UserError(str(metrics), "file not found", hint="pass a run's output_dir"))
+    for path in write_plots(metrics, run_dir / "plots"):
+        print(path)
+
+
+def _json_or_raise(e: UserError, output: str) -> None:
+    if output == "json":
+        print(json.dumps({"status": "error", "message": e.render()}))
+        raise typer.Exit(e.exit_code)
+    raise _fail(e)
+
+
+def main() -> None:
+    try:
+        app()
+    except UserError as e:  # raised outside a command's own handling
+        sys.exit(report(e))
+    except KeyboardInterrupt:
+        sys.exit(130)
+
+
+__all__ = ["app", "main", "EXIT_USAGE"]

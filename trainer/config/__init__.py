@@ -1,0 +1,278 @@
+"""Load a run config: YAML file -> ``${ENV}`` interpolation -> ``--set`` overrides -> typed ``RunConfig``.
+
+Every failure is a ``ConfigError`` whose lines name the field path, the bad value and what is
+allowed; the CLI prints them without a traceback and exits 2. Imports nothing heavy (the launcher
+uses this module).
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import re
+import types
+import typing
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from trainer.config.schema import RunConfig
+from trainer.errors import UserError
+
+__all__ = ["ConfigError", "RunConfig", "load_config", "parse_config", "check_paths", "dump_config"]
+
+
+class ConfigError(UserError):
+    """A config that cannot be used; each problem names the field path, the bad value and what is allowed."""
+
+
+_ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    """Read ``path`` and apply ``overrides`` (``dotted.key=yaml_value``)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(str(path), ["file not found"], hint="check the path; example configs are in configs/")
+    text = path.read_text(encoding="utf-8")
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        problem = getattr(e, "problem", None) or str(e)
+        raise ConfigError(str(path), [f"invalid YAML: {where}{problem}"]) from None
+    if raw is None:
+        raise ConfigError(str(path), ["the file is empty"], hint="start from configs/quickstart.yaml")
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), [f"expected a mapping of settings at the top level, got {type(raw).__name__}"])
+    return parse_config(raw, overrides, source=str(path))
+
+
+def parse_config(raw: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> RunConfig:
+    raw = _interpolate_env(raw, (), source)
+    for item in overrides or []:
+        _apply_override(raw, item, source)
+    try:
+        cfg = RunConfig.model_validate(raw)
+    except ValidationError as e:
+        raise ConfigError(source, [_describe(err) for err in e.errors()]) from None
+    return _expand_templates(cfg, source)
+
+
+def dump_config(cfg: RunConfig) -> str:
+    """The resolved config as YAML (what checkpoints and the ConfigMap carry)."""
+    return yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False)
+
+
+def check_paths(cfg: RunConfig) -> None:
+    """Fail early on input files that do not exist and will not be created."""
+    problems = []
+    if cfg.model.create_if_missing is None and not _looks_like_hub_id(cfg.model.path):
+        if not Path(cfg.model.path).exists():
+            problems.append(f"model.path: {cfg.model.path!r}: directory not found")
+    if cfg.data.generate is None:
+        for split in ("train", "val"):
+            ds = getattr(cfg.data, split)
+            if ds is not None and not Path(ds.path).is_file():
+                problems.append(f"data.{split}.path: {ds.path!r}: file not found")
+    if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).is_dir():
+        problems.append(f"checkpoint.resume: {cfg.checkpoint.resume!r}: not auto, never, or an existing checkpoint directory")
+    if problems:
+        raise ConfigError("config", problems, hint="fix the paths (relative paths are relative to the working directory)")
+
+
+def _looks_like_hub_id(path: str) -> bool:
+    # "Qwen/Qwen3-0.6B": one slash, no leading ./ or /; such names are resolved by from_pretrained.
+    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", path)) and not Path(path).exists() and not path.startswith(".")
+
+
+# ----------------------------------------------------------------------------- env and overrides
+
+
+def _interpolate_env(node: Any, loc: tuple, source: str) -> Any:
+    if isinstance(node, dict):
+        return {k: _interpolate_env(v, (*loc, k), source) for k, v in node.items()}
+    if isinstance(node, list):
+        return [_interpolate_env(v, (*loc, i), source) for i, v in enumerate(node)]
+    if isinstance(node, str) and "${" in node:
+
+        def sub(m: re.Match) -> str:
+            name, default = m.group(1), m.group(2)
+            if name in os.environ:
+                return os.environ[name]
+            if default is not None:
+                return default
+            raise ConfigError(
+                source,
+                [f"{_dotted(loc)}: environment variable {name} is not set"],
+                hint=f"export {name}=... or write ${{{name}:-default}}",
+            )
+
+        return _ENV.sub(sub, node)
+    return node
+
+
+def _apply_override(raw: dict, item: str, source: str) -> None:
+    key, sep, value = item.partition("=")
+    if not sep or not key.strip():
+        raise ConfigError(source, [f"--set {item!r}: expected dotted.key=value"])
+    try:
+        parsed = yaml.safe_load(value) if value != "" else ""
+    except yaml.YAMLError:
+        parsed = value
+    parts = key.strip().split(".")
+    node: Any = raw
+    for i, part in enumerate(parts[:-1]):
+        if isinstance(node, list):
+            node = _list_item(node, part, parts[: i + 1], source)
+            continue
+        if not isinstance(node.get(part), (dict, list)):
+            node[part] = {}
+        node = node[part]
+    last = parts[-1]
+    if isinstance(node, list):
+        idx = _list_index(node, last, parts, source)
+        node[idx] = parsed
+    else:
+        node[last] = parsed
+
+
+def _list_index(node: list, part: str, parts: list[str], source: str) -> int:
+    if not part.isdigit() or int(part) >= len(node):
+        raise ConfigError(source, [f"--set {'.'.join(parts)}: {part!r} is not an index of a list of {len(node)}"])
+    return int(part)
+
+
+def _list_item(node: list, part: str, parts: list[str], source: str) -> Any:
+    return node[_list_index(node, part, parts, source)]
+
+
+# ----------------------------------------------------------------------------- templates
+
+
+def _expand_templates(cfg: RunConfig, source: str) -> RunConfig:
+    """Replace ``{name}`` in path-like string fields."""
+    values = {"name": cfg.name}
+
+    def fill(loc: str, text: str) -> str:
+        try:
+            return text.format_map(values)
+        except (KeyError, IndexError, ValueError) as e:
+            raise ConfigError(source, [f"{loc}: {text!r}: unknown template field {e}; only {{name}} is allowed"]) from None
+
+    cfg.output_dir = fill("output_dir", cfg.output_dir)
+    cfg.model.path = fill("model.path", cfg.model.path)
+    for split in ("train", "val"):
+        ds = getattr(cfg.data, split)
+        if ds is not None:
+            ds.path = fill(f"data.{split}.path", ds.path)
+    return cfg
+
+
+# ----------------------------------------------------------------------------- error messages
+
+
+def _dotted(loc: tuple) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(err["loc"])
+    etype = err["type"]
+    if etype == "extra_forbidden":
+        parent, key = loc[:-1], loc[-1]
+        allowed = _allowed_keys(parent)
+        guess = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
+        did_you_mean = f" (did you mean {guess[0]!r}?)" if guess else ""
+        where = _field_path(parent)
+        return (
+            f"{where + '.' if where else ''}{key}: unknown key{did_you_mean}; allowed here: {', '.join(sorted(allowed))}"
+        )
+    path = _field_path(loc)
+    msg = err["msg"]
+    if etype == "missing":
+        return f"{path}: required field is missing"
+    if etype == "value_error":
+        msg = msg.removeprefix("Value error, ")
+        return f"{path}: {msg}" if path else msg
+    if etype == "union_tag_invalid":
+        tags = err.get("ctx", {}).get("expected_tags", "")
+        return f"{path}.type: {err['input'].get('type')!r} is not a known type; allowed: {tags}"
+    if etype == "union_tag_not_found":
+        return f"{path}: each entry needs a `type`"
+    value = err.get("input")
+    shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    return f"{path}: {shown}: {msg}"
+
+
+def _field_path(loc: tuple) -> str:
+    """Dotted path for humans: drops pydantic's union tags (``rewards.0.accuracy.weight`` -> ``rewards.0.weight``)."""
+    parts: list[str] = []
+    model: Any = RunConfig
+    for p in loc:
+        if isinstance(p, int):
+            parts.append(str(p))
+            model = _list_item_type(model)
+            continue
+        fields = getattr(model, "model_fields", None) if isinstance(model, type) else None
+        if fields is None and _union_members(model):
+            members = {m.model_fields["type"].annotation.__args__[0]: m for m in _union_members(model)}
+            if p in members:
+                model = members[p]
+                continue
+        parts.append(str(p))
+        model = _field_type(model, str(p))
+    return ".".join(parts)
+
+
+def _allowed_keys(parent: tuple) -> list[str]:
+    model: Any = RunConfig
+    for p in parent:
+        if isinstance(p, int):
+            model = _list_item_type(model)
+            continue
+        members = _union_members(model)
+        if members:
+            by_tag = {m.model_fields["type"].annotation.__args__[0]: m for m in members}
+            if p in by_tag:
+                model = by_tag[p]
+                continue
+        model = _field_type(model, str(p))
+    if isinstance(model, type) and issubclass(model, BaseModel):
+        return list(model.model_fields)
+    return []
+
+
+def _strip(tp: Any) -> Any:
+    """Unwrap Optional / Annotated to the model type when there is exactly one."""
+    origin = typing.get_origin(tp)
+    if origin is typing.Annotated:
+        return _strip(typing.get_args(tp)[0])
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1:
+            return _strip(args[0])
+    return tp
+
+
+def _field_type(model: Any, name: str) -> Any:
+    if isinstance(model, type) and issubclass(model, BaseModel) and name in model.model_fields:
+        return _strip(model.model_fields[name].annotation)
+    return None
+
+
+def _list_item_type(tp: Any) -> Any:
+    tp = _strip(tp)
+    if typing.get_origin(tp) is list:
+        return _strip(typing.get_args(tp)[0])
+    return None
+
+
+def _union_members(tp: Any) -> list[type[BaseModel]]:
+    tp = _strip(tp)
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return [a for a in typing.get_args(tp) if isinstance(a, type) and issubclass(a, BaseModel)]
+    return []
