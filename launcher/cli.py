@@ -31,7 +31,9 @@ app = typer.Typer(
 ConfigArg = Annotated[Path, typer.Argument(help="Run config (YAML).", show_default=False)]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a config value: dotted.key=value (value parsed as YAML). Repeatable."),
+    typer.Option(
+        "--set", help="Override a config value: dotted.key=value (value parsed as YAML). Repeatable."
+    ),
 ]
 OutputOpt = Annotated[str, typer.Option("--output", "-o", help="Output format: text or json.")]
 
@@ -145,7 +147,9 @@ def tiny_model(
 ) -> None:
     """Build a tiny random-initialised Qwen3-architecture model and a tokenizer trained on the fly."""
     if out_dir.exists() and any(out_dir.iterdir()) and not force:
-        raise _fail(UserError(str(out_dir), "directory exists and is not empty", hint="pass --force to overwrite"))
+        raise _fail(
+            UserError(str(out_dir), "directory exists and is not empty", hint="pass --force to overwrite")
+        )
     from trainer.tiny import build_tiny_model
 
     if force and out_dir.exists():
@@ -171,6 +175,11 @@ def _json_or_raise(e: UserError, output: str) -> None:
         print(json.dumps({"status": "error", "message": e.render()}))
         raise typer.Exit(e.exit_code)
     raise _fail(e)
+
+
+from launcher.cluster_cli import register as _register_cluster  # noqa: E402
+
+_register_cluster(app)
 
 
 def main() -> None:

@@ -28,7 +28,9 @@ class UserError(Exception):
     def render(self) -> str:
         if len(self.problems) == 1:
             return f"{self.source}: {self.problems[0]}"
-        return f"{self.source}: {len(self.problems)} problems\n" + "\n".join(f"  - {p}" for p in self.problems)
+        return f"{self.source}: {len(self.problems)} problems\n" + "\n".join(
+            f"  - {p}" for p in self.problems
+        )
 
 
 def report(err: BaseException, stream=None) -> int:

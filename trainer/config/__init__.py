@@ -35,7 +35,9 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     """Read ``path`` and apply ``overrides`` (``dotted.key=yaml_value``)."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(str(path), ["file not found"], hint="check the path; example configs are in configs/")
+        raise ConfigError(
+            str(path), ["file not found"], hint="check the path; example configs are in configs/"
+        )
     text = path.read_text(encoding="utf-8")
     try:
         raw = yaml.safe_load(text)
@@ -47,11 +49,15 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
     if raw is None:
         raise ConfigError(str(path), ["the file is empty"], hint="start from configs/quickstart.yaml")
     if not isinstance(raw, dict):
-        raise ConfigError(str(path), [f"expected a mapping of settings at the top level, got {type(raw).__name__}"])
+        raise ConfigError(
+            str(path), [f"expected a mapping of settings at the top level, got {type(raw).__name__}"]
+        )
     return parse_config(raw, overrides, source=str(path))
 
 
-def parse_config(raw: dict[str, Any], overrides: list[str] | None = None, source: str = "config") -> RunConfig:
+def parse_config(
+    raw: dict[str, Any], overrides: list[str] | None = None, source: str = "config"
+) -> RunConfig:
     raw = _interpolate_env(raw, (), source)
     for item in overrides or []:
         _apply_override(raw, item, source)
@@ -70,23 +76,43 @@ def dump_config(cfg: RunConfig) -> str:
 def check_paths(cfg: RunConfig) -> None:
     """Fail early on input files that do not exist and will not be created."""
     problems = []
-    if cfg.model.create_if_missing is None and not _looks_like_hub_id(cfg.model.path):
-        if not Path(cfg.model.path).exists():
-            problems.append(f"model.path: {cfg.model.path!r}: directory not found")
+    if (
+        cfg.model.create_if_missing is None
+        and not _looks_like_hub_id(cfg.model.path)
+        and not Path(cfg.model.path).exists()
+    ):
+        problems.append(f"model.path: {cfg.model.path!r}: directory not found")
     if cfg.data.generate is None:
         for split in ("train", "val"):
             ds = getattr(cfg.data, split)
             if ds is not None and not Path(ds.path).is_file():
                 problems.append(f"data.{split}.path: {ds.path!r}: file not found")
+    for field in ("intentions", "val_intentions"):
+        path = getattr(cfg.environment, field)
+        if path is not None and cfg.environment.name == "intentiongym" and not Path(path).is_file():
+            problems.append(f"environment.{field}: {path!r}: file not found")
+    for role in ("user_simulator", "judge"):
+        section = getattr(cfg, role)
+        if section is None or section.backend != "local":
+            continue
+        built_by_run = cfg.model.create_if_missing is not None and section.path == cfg.model.path
+        if not built_by_run and not Path(section.path).exists():
+            problems.append(f"{role}.path: {section.path!r}: directory not found")
     if cfg.checkpoint.resume not in ("auto", "never") and not Path(cfg.checkpoint.resume).is_dir():
-        problems.append(f"checkpoint.resume: {cfg.checkpoint.resume!r}: not auto, never, or an existing checkpoint directory")
+        problems.append(
+            f"checkpoint.resume: {cfg.checkpoint.resume!r}: not auto, never, or an existing checkpoint directory"
+        )
     if problems:
-        raise ConfigError("config", problems, hint="fix the paths (relative paths are relative to the working directory)")
+        raise ConfigError(
+            "config", problems, hint="fix the paths (relative paths are relative to the working directory)"
+        )
 
 
 def _looks_like_hub_id(path: str) -> bool:
     # "Qwen/Qwen3-0.6B": one slash, no leading ./ or /; such names are resolved by from_pretrained.
-    return bool(re.fullmatch(r"[\w.-]+/[\w.-]+", path)) and not Path(path).exists() and not path.startswith(".")
+    return (
+        bool(re.fullmatch(r"[\w.-]+/[\w.-]+", path)) and not Path(path).exists() and not path.startswith(".")
+    )
 
 
 # ----------------------------------------------------------------------------- env and overrides
@@ -125,9 +151,9 @@ def _apply_override(raw: dict, item: str, source: str) -> None:
         parsed = value
     parts = key.strip().split(".")
     node: Any = raw
-    for i, part in enumerate(parts[:-1]):
+    for part in parts[:-1]:
         if isinstance(node, list):
-            node = _list_item(node, part, parts[: i + 1], source)
+            node = _list_item(node, part, parts, source)
             continue
         if not isinstance(node.get(part), (dict, list)):
             node[part] = {}
@@ -142,7 +168,9 @@ def _apply_override(raw: dict, item: str, source: str) -> None:
 
 def _list_index(node: list, part: str, parts: list[str], source: str) -> int:
     if not part.isdigit() or int(part) >= len(node):
-        raise ConfigError(source, [f"--set {'.'.join(parts)}: {part!r} is not an index of a list of {len(node)}"])
+        raise ConfigError(
+            source, [f"--set {'.'.join(parts)}: {part!r} is not an index of a list of {len(node)}"]
+        )
     return int(part)
 
 
@@ -161,7 +189,9 @@ def _expand_templates(cfg: RunConfig, source: str) -> RunConfig:
         try:
             return text.format_map(values)
         except (KeyError, IndexError, ValueError) as e:
-            raise ConfigError(source, [f"{loc}: {text!r}: unknown template field {e}; only {{name}} is allowed"]) from None
+            raise ConfigError(
+                source, [f"{loc}: {text!r}: unknown template field {e}; only {{name}} is allowed"]
+            ) from None
 
     cfg.output_dir = fill("output_dir", cfg.output_dir)
     cfg.model.path = fill("model.path", cfg.model.path)
@@ -188,9 +218,7 @@ def _describe(err: dict) -> str:
         guess = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
         did_you_mean = f" (did you mean {guess[0]!r}?)" if guess else ""
         where = _field_path(parent)
-        return (
-            f"{where + '.' if where else ''}{key}: unknown key{did_you_mean}; allowed here: {', '.join(sorted(allowed))}"
-        )
+        return f"{where + '.' if where else ''}{key}: unknown key{did_you_mean}; allowed here: {', '.join(sorted(allowed))}"
     path = _field_path(loc)
     msg = err["msg"]
     if etype == "missing":

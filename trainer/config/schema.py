@@ -1,6 +1,6 @@
 """The run config: one typed schema shared by the launcher and the trainer.
 
-Every field is documented once, in its ``description``; ``launcher config-reference`` and the
+Every field is documented once, in its ``description``; ``python -m trainer.config.reference`` and the
 README's reference table are generated from these descriptions. This module imports only pydantic
 so that ``launcher validate``/``render`` start without torch.
 """
@@ -9,14 +9,11 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
-
-class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, never silently ignored."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
+from trainer.config.base import RewardBase, Section
+from trainer.config.cluster import RUN_SUFFIX_LEN, ClusterConfig
+from trainer.config.multiturn import EnvironmentConfig, JudgeConfig, LlmJudgeReward, UserSimulatorConfig
 
 # ----------------------------------------------------------------------------- model
 
@@ -123,7 +120,7 @@ class AlgorithmConfig(Section):
 
 
 class GenerateDataConfig(Section):
-    task: Literal["next-letter", "add-digits"] = Field(
+    task: Literal["repeat-letter", "next-letter", "add-digits"] = Field(
         description="Built-in synthetic task written to `data.train.path` / `data.val.path` when they are missing."
     )
     train_size: int = Field(256, ge=1, description="Rows in the generated training set.")
@@ -153,6 +150,9 @@ class DataConfig(Section):
     generate: GenerateDataConfig | None = Field(None, description="Generate a synthetic dataset when files are missing.")
     system_prompt: str | None = Field(None, description="System message prepended to every prompt.")
     max_prompt_tokens: int = Field(1024, ge=1, description="Prompts longer than this (in tokens) are an error.")
+    use_chat_template: bool = Field(
+        True, description="Render prompts with the tokenizer's chat template; false joins message contents raw."
+    )
 
 
 # ----------------------------------------------------------------------------- rollout
@@ -170,12 +170,7 @@ class RolloutConfig(Section):
 # ----------------------------------------------------------------------------- rewards
 
 
-class _Reward(Section):
-    weight: float = Field(1.0, description="Multiplier of this reward in the sum.")
-    name: str | None = Field(None, description="Metric name (`reward/<name>`); defaults to the type.")
-
-
-class AccuracyReward(_Reward):
+class AccuracyReward(RewardBase):
     type: Literal["accuracy"]
     match: Literal["exact", "prefix", "contains"] = Field(
         "exact",
@@ -184,7 +179,7 @@ class AccuracyReward(_Reward):
     )
 
 
-class LengthPenaltyReward(_Reward):
+class LengthPenaltyReward(RewardBase):
     type: Literal["length_penalty"]
     penalty_scale: float = Field(1.0, ge=0, description="Penalty reached at `outer_ratio`.")
     max_penalty: float = Field(1.0, ge=0, description="Largest penalty (the curve is clipped here).")
@@ -200,13 +195,31 @@ class LengthPenaltyReward(_Reward):
         return self
 
 
-class StepReward(_Reward):
+class StepReward(RewardBase):
     type: Literal["step"]
     step_bonus: float = Field(0.1, description="Bonus per reasoning step (a line starting with `Step N`, `N.` or `-`).")
     max_steps: int = Field(10, ge=1, description="Steps beyond this earn nothing.")
 
 
-class PythonReward(_Reward):
+class FormatReward(RewardBase):
+    type: Literal["format"]
+    pattern: str = Field(
+        description="Python regular expression the whole completion (stripped) must match for 1.0, else 0.0, "
+        "e.g. `<think>.*</think>.*` or `[a-z]`."
+    )
+
+    @model_validator(mode="after")
+    def _compiles(self) -> FormatReward:
+        import re
+
+        try:
+            re.compile(self.pattern)
+        except re.error as e:
+            raise ValueError(f"pattern {self.pattern!r} is not a valid regular expression: {e}") from None
+        return self
+
+
+class PythonReward(RewardBase):
     type: Literal["python"]
     function: str = Field(
         description="`module:callable` taking keyword arguments (completion, prompt, answer, row, num_tokens) and "
@@ -223,7 +236,8 @@ class PythonReward(_Reward):
 
 
 RewardConfig = Annotated[
-    AccuracyReward | LengthPenaltyReward | StepReward | PythonReward, Field(discriminator="type")
+    AccuracyReward | LengthPenaltyReward | StepReward | FormatReward | PythonReward | LlmJudgeReward,
+    Field(discriminator="type"),
 ]
 
 
@@ -287,17 +301,51 @@ class RunConfig(Section):
     data: DataConfig = Field(description="Datasets.")
     rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Generation settings (GRPO, eval).")
     rewards: list[RewardConfig] = Field(default_factory=list, description="Rewards summed with their weights (GRPO, eval).")
+    environment: EnvironmentConfig = Field(
+        default_factory=EnvironmentConfig,
+        description="Where episodes run (GRPO): `single_turn` (one reply per prompt) or a multi-turn environment.",
+    )
+    user_simulator: UserSimulatorConfig | None = Field(
+        None, description="The LLM that plays the user in multi-turn environments (`api` or `local` backend)."
+    )
+    judge: JudgeConfig | None = Field(
+        None,
+        description="The LLM that judges: IntentionGym's coverage judge (`environment.judge_backend: api`) and "
+        "`llm_judge` rewards.",
+    )
     checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing and resume.")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Periodic evaluation.")
     logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Step lines, metrics, plots, wandb.")
+    cluster: ClusterConfig = Field(
+        default_factory=ClusterConfig,
+        description="How `launcher submit` runs this config on Kubernetes (a Kubeflow PyTorchJob); ignored by local runs.",
+    )
 
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
-        if self.algorithm.name == "grpo" and not self.rewards:
+        env = self.environment
+        if self.algorithm.name == "grpo" and not self.rewards and env.name == "single_turn":
             raise ValueError("GRPO needs at least one entry in `rewards` (e.g. `- {type: accuracy}`)")
-        if self.eval.every_steps or self.eval.every_epochs:
-            if self.data.val is None:
-                raise ValueError("eval.every_steps/every_epochs is set but data.val is not: add a validation set")
+        if env.name != "single_turn" and self.user_simulator is None:
+            raise ValueError(
+                f"environment.name is {env.name} but user_simulator is not set: add a user_simulator section "
+                "(backend: api with model/api_base/api_key_env, or backend: local with a model path)"
+            )
+        needs_judge = [r.name or r.type for r in self.rewards if isinstance(r, LlmJudgeReward)]
+        if env.name == "intentiongym" and env.judge_backend == "api" and not env.merged:
+            needs_judge.append("environment.judge_backend: api")
+        if needs_judge and self.judge is None:
+            raise ValueError(
+                f"{', '.join(needs_judge)} need(s) the judge LLM but judge is not set: add a judge section, or use "
+                "environment.judge_backend: rule"
+            )
+        if env.name != "single_turn" and not self.data.use_chat_template:
+            raise ValueError(
+                f"environment.name {env.name} builds conversations with the tokenizer's chat template: set "
+                "data.use_chat_template: true"
+            )
+        if (self.eval.every_steps or self.eval.every_epochs) and self.data.val is None:
+            raise ValueError("eval.every_steps/every_epochs is set but data.val is not: add a validation set")
         if self.algorithm.early_stopping.metric and not (self.eval.every_steps or self.eval.every_epochs):
             raise ValueError(
                 "algorithm.early_stopping.metric needs periodic evaluation: set eval.every_steps or eval.every_epochs"
@@ -306,4 +354,30 @@ class RunConfig(Section):
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"rewards share the metric name(s) {dupes}: give each a distinct `name`")
+        return self
+
+    @model_validator(mode="after")
+    def _cluster_checks(self) -> RunConfig:
+        c = self.cluster
+        # Services named after the job's pods must be DNS-1035 labels: no leading digit, at most 63 characters.
+        if not self.name[0].isalpha():
+            raise ValueError(f"name: {self.name!r} must start with a letter (it names Kubernetes Services)")
+        longest = f"{self.name}-{'x' * (RUN_SUFFIX_LEN - 1)}-worker-{max(c.nodes - 2, 0)}"
+        if len(longest) > 63:
+            raise ValueError(
+                f"name: {self.name!r} is too long for cluster.nodes={c.nodes}: pod names like {longest!r} "
+                f"({len(longest)} characters) must fit 63; shorten name to {len(self.name) - (len(longest) - 63)} "
+                "characters or fewer"
+            )
+        if c.nodes > 1 and c.pvc.access_mode != "ReadWriteMany":
+            raise ValueError(
+                f"cluster.pvc.access_mode: {c.pvc.access_mode} cannot be mounted by the {c.nodes} pods of "
+                "cluster.nodes on different nodes: use a ReadWriteMany claim (see k8s/pvc-rwx.yaml) or cluster.nodes: 1"
+            )
+        if c.sidecar and self.model.create_if_missing:
+            raise ValueError(
+                "cluster.rollout_gpus_per_node: the SGLang sidecar starts before the trainer and cannot load a model "
+                "that model.create_if_missing builds later: set cluster.rollout_gpus_per_node: 0 or point model.path "
+                "at an existing model"
+            )
         return self

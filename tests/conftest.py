@@ -1,0 +1,45 @@
+"""Shared fixtures: the tiny model (built once per session) and run configs that point at temporary dirs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+QUICKSTART = REPO / "configs" / "quickstart.yaml"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from trainer.tiny import build_tiny_model
+
+    path = tmp_path_factory.mktemp("models") / "tiny-qwen3"
+    build_tiny_model(path)
+    return path
+
+
+@pytest.fixture
+def make_config(tmp_path: Path, tiny_model: Path):
+    """Write a quickstart-based config into ``tmp_path`` with ``changes`` (dotted keys) applied; return its path."""
+
+    def make(name: str = "t", **changes) -> Path:
+        raw = yaml.safe_load(QUICKSTART.read_text())
+        raw["name"] = name
+        raw["output_dir"] = str(tmp_path / "runs" / "{name}")
+        raw["model"]["path"] = str(tiny_model)
+        raw["model"].pop("create_if_missing", None)
+        raw["data"]["train"]["path"] = str(tmp_path / "data" / "train.jsonl")
+        raw["data"]["val"]["path"] = str(tmp_path / "data" / "val.jsonl")
+        for key, value in changes.items():
+            node = raw
+            parts = key.split("__")
+            for p in parts[:-1]:
+                node = node.setdefault(p, {})
+            node[parts[-1]] = value
+        path = tmp_path / f"{name}.yaml"
+        path.write_text(yaml.safe_dump(raw))
+        return path
+
+    return make

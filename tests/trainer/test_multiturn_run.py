@@ -1,0 +1,61 @@
+"""Multi-turn GRPO end to end on CPU: ``configs/intentiongym.yaml`` with local parts (no API at all).
+
+The tiny model plays the agent, a local copy of it plays the user, the rule judge covers details, on
+the generated IntentionGym sample. The tests that use a real OpenAI-compatible server are in
+``tests/llm/test_intentiongym_run.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from trainer import api
+from trainer.config import load_config
+from trainer.envs.intentiongym_sample import write_sample
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def local_overrides(tmp_path: Path, tiny_model: Path) -> list[str]:
+    s = write_sample(tmp_path / "data", train=8, test=2, seed=0)
+    return [
+        f"output_dir={tmp_path / 'run'}",
+        f"model.path={tiny_model}",
+        "model.gradient_checkpointing=false",
+        "algorithm.lr=1e-3",
+        "algorithm.batch_size=4",
+        "algorithm.group_size=2",
+        "algorithm.grad_accum=2",
+        "algorithm.max_steps=2",
+        f"data.train.path={s['train']}",
+        f"data.val.path={s['test']}",
+        f"environment.intentions={s['train_intentions']}",
+        f"environment.val_intentions={s['test_intentions']}",
+        "environment.judge_backend=rule",
+        "environment.max_turns=2",
+        "environment.max_episode_tokens=1000",
+        "user_simulator.backend=local",
+        f"user_simulator.path={tiny_model}",
+        "user_simulator.max_tokens=8",
+        "judge=null",
+        "rollout.max_new_tokens=16",
+        "eval.every_epochs=1",
+        "logging.plots=false",
+    ]
+
+
+def test_intentiongym_with_local_user_and_rule_judge(tmp_path: Path, tiny_model: Path) -> None:
+    cfg = load_config(REPO / "configs" / "intentiongym.yaml", local_overrides(tmp_path, tiny_model))
+    result = api.train(cfg)
+    assert result.status == "success" and result.steps == 2  # 8 tasks / 4 per step
+    rows = [json.loads(line) for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["episodes/invalid"] == 0 and r["episodes/invalid_rate"] == 0
+        assert r["episodes/turns_mean"] >= 1 and r["time/engine_idle_s"] >= 0
+        assert "api/user_simulator/calls" in r and "reward/intentiongym" in r
+    assert rows[-1]["eval/samples"] == 2 and "eval/reward" in rows[-1]
+    assert (tmp_path / "run" / "checkpoints" / "step_2" / "policy").is_dir()
+    log = (tmp_path / "run" / "logs" / "train.log").read_text()
+    assert "step 2/2" in log and "invalid 0" in log

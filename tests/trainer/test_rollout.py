@@ -1,0 +1,204 @@
+"""Multi-turn rollouts: one token sequence per episode with the agent's tokens masked in, micro-batched
+generation, invalid episodes excluded, and GRPO's advantages and collation over such sequences.
+
+The policy here is a scripted ``RolloutEngine`` (a random tiny model never writes a tool call), so the
+turns, their tokens and their rewards are known exactly; tokenizer, environment and rule judge are real.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from trainer.config import parse_config
+from trainer.data import load_dataset
+from trainer.engines.base import Completion, SamplingParams
+from trainer.envs.intentiongym_sample import write_sample
+from trainer.grpo import collate, group_advantages
+from trainer.model import load_tokenizer
+from trainer.prompts import encode_chat
+from trainer.rollout import EpisodeRunner
+from trainer.testing.scripted import ScriptedClient
+
+QUESTIONS = [
+    "What is your budget for the trip?",
+    "Which dates will you travel?",
+    "Who are your travel companions?",
+]
+PARAMS = SamplingParams(max_new_tokens=64, temperature=1.0)
+
+
+def tool_call(question: str) -> str:
+    return (
+        "<tool_call>"
+        + json.dumps({"name": "interact_with_env", "arguments": {"content": question}})
+        + "</tool_call>"
+    )
+
+
+class ScriptedEngine:
+    """Asks ``QUESTIONS[turn]``; records every batch it was given and the ids it generated."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer
+        self.batches: list[int] = []
+        self.generated: list[list[int]] = []
+
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]:
+        assert n == 1
+        self.batches.append(len(prompts))
+        out = []
+        for p in prompts:
+            turn = self.tokenizer.decode(p).count("<|im_start|>assistant") - 1
+            text = tool_call(QUESTIONS[turn])
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"] + [self.tokenizer.eos_token_id]
+            self.generated.append(ids)
+            out.append([Completion(p, ids, text, finished=True)])
+        return out
+
+    def sync_weights(self, step: int) -> None:
+        return None
+
+
+@pytest.fixture(scope="module")
+def sample(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    # Rows 0 and 8 are the "weekend trip" task: budget (importance 2), dates (3), companions (1), destination (3).
+    return write_sample(tmp_path_factory.mktemp("ig"), train=9, test=2, seed=0)
+
+
+def make_cfg(sample: dict[str, Path], tiny_model: Path, **env):
+    raw = {
+        "name": "rollout-test",
+        "model": {"path": str(tiny_model)},
+        "algorithm": {"name": "grpo", "batch_size": 2, "group_size": 2},
+        "data": {"train": {"path": str(sample["train"])}, "max_prompt_tokens": 4096},
+        "environment": {
+            "name": "intentiongym",
+            "intentions": str(sample["train_intentions"]),
+            "judge_backend": "rule",
+            "max_turns": 2,
+            **env,
+        },  # fmt: skip
+        "user_simulator": {"backend": "local", "path": str(tiny_model)},
+    }
+    return parse_config(raw)
+
+
+def rows_of(cfg, indices: list[int]) -> list[tuple[int, dict, list[int]]]:
+    rows = load_dataset(cfg.data, "train").rows
+    return [(i, rows[i], []) for i in indices]
+
+
+def test_an_episode_is_one_sequence_with_only_the_agents_tokens_trained(sample, tiny_model) -> None:
+    cfg = make_cfg(sample, tiny_model)
+    tok = load_tokenizer(tiny_model)
+    engine = ScriptedEngine(tok)
+    user = ScriptedClient(lambda m: "About 500 dollars.", role="user_simulator")
+    runner = EpisodeRunner(cfg, engine, tok, [], "unused", clients={"user_simulator": user})
+    try:
+        trajectories = runner.rollout(rows_of(cfg, [0]), 2, PARAMS)
+    finally:
+        runner.close()
+    assert len(trajectories) == 2
+    for t in trajectories:
+        # Turn 1 asks about the budget (importance 2: 0.7), turn 2 about the dates (3: 1.0); the score is the mean.
+        assert t.invalid is None and t.turns == 2 and t.reward == pytest.approx(0.85)
+        assert t.parts["intentiongym"] == pytest.approx(0.85)
+        assert len(t.token_ids) == len(t.loss_mask)
+        trained = [i for i, m in zip(t.token_ids, t.loss_mask, strict=True) if m]
+        assert trained == engine.generated[0] + engine.generated[-1]  # the generated ids, verbatim
+        assert t.agent_tokens == len(trained)
+        prompt = encode_chat(tok, t.messages[:2], runner.envs["train"].start(rows_of(cfg, [0])[0][1]).tools)
+        assert t.token_ids[: len(prompt)] == prompt and not any(t.loss_mask[: len(prompt)])
+        context = tok.decode(
+            [i for i, m in zip(t.token_ids, t.loss_mask, strict=True) if not m][len(prompt) :]
+        )
+        assert "About 500 dollars." in context and "<|im_start|>assistant" in context
+        assert [m["role"] for m in t.messages[2:]] == ["assistant", "tool", "assistant"]
+    assert len(user.calls) == 2  # one user reply per episode: the last turn's would never be read
+
+
+def test_concurrent_episodes_share_generate_calls(sample, tiny_model) -> None:
+    cfg = make_cfg(sample, tiny_model)
+    tok = load_tokenizer(tiny_model)
+    engine = ScriptedEngine(tok)
+    user = ScriptedClient(lambda m: "Next weekend.", role="user_simulator", latency_s=0.01)
+    runner = EpisodeRunner(cfg, engine, tok, [], "unused", clients={"user_simulator": user})
+    try:
+        trajectories = runner.rollout(rows_of(cfg, [0, 1, 2, 3]), 2, PARAMS)
+        metrics = runner.step_metrics(trajectories)
+    finally:
+        runner.close()
+    assert engine.batches[0] == 8  # every episode's first turn in one batch
+    assert sum(engine.batches) == sum(t.turns for t in trajectories)
+    assert len(engine.batches) < sum(engine.batches)
+    assert metrics["time/engine_idle_s"] >= 0 and metrics["time/engine_busy_s"] > 0
+    assert metrics["episodes/invalid"] == 0 and metrics["episodes/turns_mean"] > 1
+    assert metrics["api/calls"] == user.stats.snapshot()["api/calls"] > 0
+
+
+def test_a_failed_user_call_makes_the_episode_invalid_never_zero(sample, tiny_model) -> None:
+    cfg = make_cfg(sample, tiny_model)
+    tok = load_tokenizer(tiny_model)
+    user = ScriptedClient(lambda m: ScriptedClient.FAIL, role="user_simulator")
+    runner = EpisodeRunner(cfg, ScriptedEngine(tok), tok, [], "unused", clients={"user_simulator": user})
+    try:
+        trajectories = runner.rollout(rows_of(cfg, [0, 1]), 2, PARAMS)
+        metrics = runner.step_metrics(trajectories)
+    finally:
+        runner.close()
+    assert all(t.reward is None and "scripted failure" in (t.invalid or "") for t in trajectories)
+    assert metrics["episodes/invalid"] == 4 and metrics["episodes/invalid_rate"] == 1.0
+    assert group_advantages([t.reward for t in trajectories], 2) == [None] * 4
+
+
+def test_llm_judge_reward_adds_to_single_turn_rewards_and_can_invalidate(sample, tiny_model) -> None:
+    raw = {
+        "name": "judge-test",
+        "model": {"path": str(tiny_model)},
+        "algorithm": {"name": "grpo", "batch_size": 2, "group_size": 2},
+        "data": {"train": {"path": str(sample["train"])}, "max_prompt_tokens": 4096},
+        "rewards": [
+            {"type": "format", "pattern": ".*interact_with_env.*"},
+            {"type": "llm_judge", "rubric": "Rate {completion}", "weight": 0.5},
+        ],  # fmt: skip
+        "judge": {"model": "scripted"},
+    }
+    cfg = parse_config(raw)
+    tok = load_tokenizer(tiny_model)
+    from trainer.rewards import build_rewards
+
+    judge = ScriptedClient(['{"score": 8}', "no idea"], role="judge")
+    runner = EpisodeRunner(cfg, ScriptedEngine(tok), tok, build_rewards(cfg.rewards), "unused",
+                           clients={"judge": judge})  # fmt: skip
+    try:
+        rows = [(0, load_dataset(cfg.data, "train").rows[0], [1, 2, 3])]
+        good, bad = runner.rollout(rows, 2, PARAMS)
+    finally:
+        runner.close()
+    assert good.reward == pytest.approx(1.0 + 0.5 * 0.8) and good.parts == {"format": 1.0, "llm_judge": 0.8}
+    assert bad.reward is None and bad.invalid and bad.invalid.startswith("llm_judge: judge (scripted)")
+
+
+@pytest.mark.parametrize(
+    ("rewards", "expected"),
+    [
+        ([1.0, 0.0, 1.0, 0.0], [1.0, -1.0, 1.0, -1.0]),
+        ([0.5, 0.5, 1.0, 0.0], [0.0, 0.0, 1.0, -1.0]),  # two groups of two
+        ([1.0, None, 0.0, None], [1.0, None, -1.0, None]),  # normalised over the valid members
+        ([1.0, None, None, None], [None, None, None, None]),  # fewer than two valid: the group is dropped
+    ],
+)
+def test_group_advantages_over_valid_members(rewards, expected) -> None:
+    group = 2 if len(rewards) == 4 and rewards[1] == 0.5 else 4
+    got = group_advantages(rewards, group)
+    assert [None if g is None else pytest.approx(g) for g in got] == expected
+
+
+def test_collate_shifts_precomputed_masks_onto_targets() -> None:
+    batch = collate([[5, 6, 7, 8, 9], [5, 6]], [[0, 0, 1, 0, 1], [0, 1]], [1.0, -1.0], 0, "cpu")
+    assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 6, 0, 0, 0]]
+    assert batch.loss_mask.tolist() == [[0, 1, 0, 1], [1, 0, 0, 0]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]

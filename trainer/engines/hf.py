@@ -1,0 +1,67 @@
+"""In-process rollout engine: batched ``model.generate`` on the trainer's own (unwrapped) model.
+
+It shares the policy's parameters, so weights are always current and ``sync_weights`` is free. The
+model is put in eval mode while sampling (no LoRA dropout) and restored afterwards.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedTokenizerBase
+
+from trainer.engines.base import Completion, SamplingParams
+from trainer.model import unwrap
+
+
+class HFEngine:
+    def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_batch: int = 256):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_batch = max_batch  # sequences per generate call; bounds activation memory
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]:
+        model = unwrap(self.model)
+        was_training = model.training
+        model.eval()
+        try:
+            flat = [p for p in prompts for _ in range(n)]
+            out: list[Completion] = []
+            for start in range(0, len(flat), self.max_batch):
+                out += self._generate_batch(model, flat[start : start + self.max_batch], params)
+        finally:
+            model.train(was_training)
+        return [out[i * n : (i + 1) * n] for i in range(len(prompts))]
+
+    def _generate_batch(self, model, prompts: list[list[int]], params: SamplingParams) -> list[Completion]:
+        tok = self.tokenizer
+        device = next(model.parameters()).device
+        width = max(len(p) for p in prompts)
+        pad = tok.pad_token_id
+        # Left padding: every prompt ends at column `width`, where generation starts.
+        input_ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=device)
+        attention = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+        greedy = params.temperature == 0
+        sampled = model.generate(
+            input_ids=input_ids,
+            attention_mask=attention,
+            max_new_tokens=params.max_new_tokens,
+            do_sample=not greedy,
+            temperature=None if greedy else params.temperature,
+            top_p=None if greedy else params.top_p,
+            top_k=params.top_k or None,
+            pad_token_id=pad,
+            eos_token_id=tok.eos_token_id,
+        )
+        new = sampled[:, width:].tolist()  # one host copy for the whole batch
+        eos = tok.eos_token_id
+        results = []
+        for prompt, ids in zip(prompts, new, strict=True):
+            finished = eos in ids
+            ids = ids[: ids.index(eos) + 1] if finished else ids
+            text = tok.decode(ids, skip_special_tokens=True)
+            results.append(Completion(prompt_ids=prompt, completion_ids=ids, text=text, finished=finished))
+        return results
+
+    def sync_weights(self, step: int) -> None:
+        return None

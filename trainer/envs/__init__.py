@@ -1,0 +1,44 @@
+"""Environments the agent acts in: the contract (``base``), ``single_turn`` and ``intentiongym``.
+
+``make_environment`` builds the one a config names. Environments take already-built LLM clients
+(``trainer.llm.make_client``) so that the trainer owns the event loop, the cache and the counters.
+Importing this package imports neither torch nor litellm.
+"""
+
+from __future__ import annotations
+
+from trainer.config.multiturn import EnvironmentConfig
+from trainer.envs.base import Action, Environment, Episode, EpisodeResult, StepResult, aggregate, parse_action
+from trainer.envs.single_turn import ScoreFn, SingleTurnEnvironment
+from trainer.llm.types import LLMClient
+
+__all__ = [
+    "Action",
+    "Environment",
+    "Episode",
+    "EpisodeResult",
+    "StepResult",
+    "aggregate",
+    "make_environment",
+    "parse_action",
+]
+
+
+def make_environment(
+    cfg: EnvironmentConfig,
+    *,
+    user: LLMClient | None = None,
+    judge: LLMClient | None = None,
+    score_fn: ScoreFn | None = None,
+    split: str = "train",
+) -> Environment:
+    """The environment of ``cfg``; ``split`` picks ``intentions`` or ``val_intentions`` for IntentionGym."""
+    if cfg.name == "single_turn":
+        return SingleTurnEnvironment(score_fn)
+    if cfg.name == "intentiongym":
+        from trainer.envs.intentiongym import IntentionGym
+
+        if user is None:
+            raise ValueError("intentiongym needs a user simulator client")
+        return IntentionGym.from_config(cfg, user, judge, split=split)
+    raise ValueError(f"unknown environment {cfg.name!r}")

@@ -1,0 +1,287 @@
+"""GRPO (Shao et al. 2024, DeepSeekMath): sample a group per prompt, normalise rewards within the group,
+clipped policy-gradient on the agent's tokens, optional KL to the reference and entropy bonus.
+
+One step, top to bottom (``train``): take this process's prompts -> play ``group_size`` episodes each
+(``trainer.rollout``: one reply for ``single_turn``, a conversation with a simulated user otherwise)
+-> rewards -> group-normalised advantages over the valid episodes -> ``updates_per_batch`` passes of
+``grad_accum`` micro-batches through ``policy_loss`` -> clip, optimizer step -> hand weights to the
+engine -> log / eval / checkpoint -> stop when too many episodes were invalid or the API budget is spent.
+
+A multi-turn episode is one token sequence; its loss mask selects the agent's tokens, so user and
+environment tokens are context only. Invalid episodes (API failures, unparseable judges) carry no
+reward: they are masked out and their group is normalised over the valid members.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from trainer import checkpoint
+from trainer.config.schema import RunConfig
+from trainer.engines.base import SamplingParams
+from trainer.metrics import read_metrics
+from trainer.rollout import EpisodeRunner, Trajectory
+from trainer.session import Session, TrainResult
+
+
+@dataclass
+class RolloutBatch:
+    """Right-padded sequences of one step. B = sequences, T = longest prompt+completion."""
+
+    input_ids: torch.Tensor  # [B, T] prompt + completion tokens, padded with pad_token_id
+    attention_mask: torch.Tensor  # [B, T] 1 on real tokens
+    # [B, T-1] 1 where the *target* token (input_ids[:, 1:]) is an agent-generated token
+    loss_mask: torch.Tensor
+    advantages: torch.Tensor  # [B] one advantage per sequence (GRPO is outcome-level)
+    old_logp: torch.Tensor | None  # [B, T-1] log-probs at sampling time; None when equal to the current ones
+
+    def __len__(self) -> int:
+        return self.input_ids.shape[0]
+
+    def split(self, parts: int) -> list[RolloutBatch]:
+        size = -(-len(self) // parts)
+        return [
+            RolloutBatch(
+                self.input_ids[i : i + size],
+                self.attention_mask[i : i + size],
+                self.loss_mask[i : i + size],
+                self.advantages[i : i + size],
+                None if self.old_logp is None else self.old_logp[i : i + size],
+            )
+            for i in range(0, len(self), size)
+        ]
+
+
+def group_advantages(rewards: list[float | None], group_size: int, eps: float = 1e-6) -> list[float | None]:
+    """(r - mean(group)) / std(group) over the group's valid members (reward not None); zero for a group whose
+    valid rewards are all equal (no signal); None for invalid members and for every member of a group with
+    fewer than two valid ones (nothing to compare against)."""
+    out: list[float | None] = []
+    for g in range(0, len(rewards), group_size):
+        group = rewards[g : g + group_size]
+        valid = [r for r in group if r is not None]
+        if len(valid) < 2:
+            out += [None] * len(group)
+            continue
+        mean, std = statistics.fmean(valid), statistics.pstdev(valid)
+        out += [None if r is None else 0.0 if std < eps else (r - mean) / std for r in group]
+    return out
+
+
+def collate(sequences: list[list[int]], masks: list[list[int]], advantages: list[float], pad_id: int,
+            device) -> RolloutBatch:  # fmt: skip
+    """Right-pad token sequences; ``masks[i][t]`` is 1 where token t of sequence i is trained."""
+    width = max(len(s) for s in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    attn = torch.zeros((len(sequences), width), dtype=torch.long)
+    mask = torch.zeros((len(sequences), width - 1), dtype=torch.float32)
+    for i, (s, m) in enumerate(zip(sequences, masks, strict=True)):
+        ids[i, : len(s)] = torch.tensor(s)
+        attn[i, : len(s)] = 1
+        # Target position t predicts token t+1, so the mask shifts left by one.
+        mask[i, : len(s) - 1] = torch.tensor(m[1:], dtype=torch.float32)
+    adv = torch.tensor(advantages, dtype=torch.float32)
+    return RolloutBatch(ids.to(device), attn.to(device), mask.to(device), adv.to(device), None)
+
+
+def trajectory_batch(trajectories: list[Trajectory], advantages: list[float | None], pad_id: int,
+                     device) -> RolloutBatch:  # fmt: skip
+    """Excluded episodes (advantage None) stay in the batch with an all-zero mask: every process then runs the
+    same micro-batches (DDP needs that), and they add nothing to the loss or to its token count."""
+    masks = [
+        t.loss_mask if a is not None else [0] * len(t.loss_mask)
+        for t, a in zip(trajectories, advantages, strict=True)
+    ]
+    return collate([t.token_ids for t in trajectories], masks, [a or 0.0 for a in advantages], pad_id, device)
+
+
+def token_logprobs(model, batch: RolloutBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the target tokens [B, T-1] and the full log-softmax [B, T-1, V] (for entropy)."""
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
+    if temperature > 0:
+        logits = logits / temperature  # score the distribution the engine sampled from
+    logp_all = F.log_softmax(logits, dim=-1)
+    logp = logp_all.gather(-1, batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
+    return logp, logp_all
+
+
+def policy_loss(session: Session, batch: RolloutBatch, cfg: RunConfig, n_tokens: float,
+                ref_model=None) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
+    """Token-level GRPO loss summed over ``batch`` and divided by ``n_tokens`` (all completion tokens of the step)."""
+    algo = cfg.algorithm
+    logp, logp_all = token_logprobs(session.model, batch, cfg.rollout.temperature)
+    old = batch.old_logp if batch.old_logp is not None else logp.detach()
+    ratio = torch.exp(logp - old)
+    adv = batch.advantages.unsqueeze(1)
+    clipped = torch.clamp(ratio, 1 - algo.clip_range, 1 + algo.clip_range)
+    pg = -torch.minimum(ratio * adv, clipped * adv)
+    per_token = pg
+    mask = batch.loss_mask
+    with torch.set_grad_enabled(algo.entropy_coef > 0):
+        entropy = -(logp_all.exp() * logp_all).sum(-1)
+    if algo.entropy_coef > 0:
+        per_token = per_token - algo.entropy_coef * entropy
+    kl = torch.zeros_like(logp)
+    if algo.kl_coef > 0:
+        ref_logp = reference_logprobs(session, batch, cfg.rollout.temperature, ref_model)
+        delta = ref_logp - logp
+        kl = torch.exp(delta) - delta - 1  # k3 estimator (Schulman 2020): unbiased, always >= 0
+        per_token = per_token + algo.kl_coef * kl
+    loss = (per_token * mask).sum() / n_tokens
+    with torch.no_grad():
+        stats = {
+            "loss/policy": float((pg * mask).sum() / n_tokens),
+            "loss/total": float(loss),
+            "entropy": float((entropy.detach() * mask).sum() / n_tokens),
+            "kl": float((kl.detach() * mask).sum() / n_tokens),
+            "clip_frac": float((((ratio - 1).abs() > algo.clip_range).float() * mask).sum() / n_tokens),
+        }
+    return loss, stats
+
+
+@torch.no_grad()
+def reference_logprobs(session: Session, batch: RolloutBatch, temperature: float, ref_model) -> torch.Tensor:
+    if ref_model is not None:
+        return token_logprobs(ref_model, batch, temperature)[0]
+    # LoRA: the reference is the base model, i.e. the policy with its adapter switched off.
+    with session.policy.disable_adapter():
+        return token_logprobs(session.model, batch, temperature)[0]
+
+
+def train(cfg: RunConfig) -> TrainResult:
+    session = Session.start(cfg)
+    algo, tok = cfg.algorithm, session.tokenizer
+    ref_model = None
+    if algo.kl_coef > 0 and not cfg.model.lora.enabled:
+        from trainer.model import load_reference
+
+        ref_model = load_reference(cfg.model, session.device)
+    runner = EpisodeRunner(
+        cfg, session.engine, tok, session.rewards, str(session.output_dir), algo.seed + session.rank
+    )
+    try:
+        _prepare(session, runner)
+        params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
+                                cfg.rollout.top_k)  # fmt: skip
+        metrics: dict = {}
+        for rows in session.batches():
+            # 1. Rollouts: group_size episodes per prompt, all concurrent.
+            t0 = time.perf_counter()
+            trajectories = runner.rollout(rows, algo.group_size, params)
+            t_gen = time.perf_counter() - t0
+
+            # 2. Group-normalised advantages over the valid episodes.
+            rewards = [t.reward for t in trajectories]
+            advantages = group_advantages(rewards, algo.group_size)
+            batch = trajectory_batch(trajectories, advantages, tok.pad_token_id, session.device)
+            n_tokens = float(batch.loss_mask.sum().clamp(min=1))
+            if algo.updates_per_batch > 1:  # later passes need the sampling-time log-probs for the ratio
+                with torch.no_grad():
+                    batch.old_logp = torch.cat([token_logprobs(session.model, mb, cfg.rollout.temperature)[0]
+                                                for mb in batch.split(algo.grad_accum)])  # fmt: skip
+
+            # 3. Policy update(s).
+            t1 = time.perf_counter()
+            for _ in range(algo.updates_per_batch):
+                micro = batch.split(algo.grad_accum)
+                step_stats: dict[str, float] = {}
+                for i, mb in enumerate(micro):
+                    loss, stats = policy_loss(session, mb, cfg, n_tokens, ref_model)
+                    session.backward(loss, sync=i == len(micro) - 1)
+                    for k, v in stats.items():
+                        step_stats[k] = step_stats.get(k, 0.0) + v
+                grad_norm = session.optimizer_step()
+            session.engine.sync_weights(session.state.step + 1)
+            t_update = time.perf_counter() - t1
+
+            # 4. Metrics (averaged over processes), log, eval, checkpoint, stop.
+            local = {**step_stats, **_rollout_metrics(trajectories, advantages, session.world), "grad_norm": grad_norm,
+                     "time/generate_s": t_gen, "time/update_s": t_update}  # fmt: skip
+            local.update(_summed(runner.step_metrics(trajectories), session.world))
+            metrics = session.reduce_mean(local)
+            if session.end_step(metrics):
+                break
+            if _should_stop(session, runner):
+                break
+    finally:
+        runner.close()
+    return session.finish(metrics)
+
+
+def _prepare(session: Session, runner: EpisodeRunner) -> None:
+    """Check the data against the environment, continue the API counters on resume, evaluate with episodes."""
+    cfg = session.cfg
+    runner.check_rows(session.train_rows, "train", cfg.data.train.path)
+    if cfg.data.val is not None:
+        runner.check_rows(session.val_rows, "val", cfg.data.val.path)
+    if session.state.step and session.logger.metrics_path.exists():
+        runner.restore_api_stats(next(iter(read_metrics(session.logger.metrics_path)[-1:]), None))
+    if not runner.single_turn:
+        # Multi-turn evaluation plays episodes; Session.end_step calls session.evaluate().
+        session.evaluate = lambda: _evaluate_episodes(session, runner)  # type: ignore[method-assign]
+
+
+def _evaluate_episodes(session: Session, runner: EpisodeRunner) -> dict[str, float]:
+    rows = list(zip(range(len(session.val_rows)), session.val_rows, session.val_prompt_ids, strict=True))
+    if session.cfg.eval.max_samples:
+        rows = rows[: session.cfg.eval.max_samples]
+    return runner.evaluate(
+        rows[session.rank :: session.world], lambda sums: _summed(sums, session.world, all_keys=True)
+    )
+
+
+def _rollout_metrics(
+    trajectories: list[Trajectory], advantages: list[float | None], world: int
+) -> dict[str, float]:
+    valid = [t.reward for t in trajectories if t.reward is not None]
+    used = [a for a in advantages if a is not None]
+    out = {
+        "reward/mean": statistics.fmean(valid) if valid else 0.0,
+        "reward/std": statistics.pstdev(valid) if valid else 0.0,
+        "adv/abs_mean": statistics.fmean(abs(a) for a in used) if used else 0.0,
+        "completion/len_mean": statistics.fmean(t.agent_tokens for t in trajectories),
+        "completion/finished": statistics.fmean(float(t.finished) for t in trajectories),
+        "tokens": float(sum(t.agent_tokens for t in trajectories)) * world,
+    }
+    for name in trajectories[0].parts if trajectories else ():
+        applicable = [v for t in trajectories if (v := t.parts.get(name)) is not None]
+        if applicable:
+            out[f"reward/{name}"] = statistics.fmean(applicable)
+    return out
+
+
+_SUMMED = ("episodes/invalid", "episodes/invalid_total", "episodes/malformed_actions", "episodes/truncated")
+
+
+def _summed(values: dict[str, float], world: int, all_keys: bool = False) -> dict[str, float]:
+    """Counts to be summed, not averaged, over processes: scaled by ``world`` before ``reduce_mean``."""
+    if world == 1:
+        return values
+
+    def is_count(k: str) -> bool:
+        return all_keys or k in _SUMMED or (k.startswith("api/") and "latency" not in k)
+
+    return {k: v * world if is_count(k) else v for k, v in values.items()}
+
+
+def _should_stop(session: Session, runner: EpisodeRunner) -> bool:
+    """Too many invalid episodes: checkpoint, then raise (exit 1). API budget spent: checkpoint, stop (exit 0)."""
+    reason = runner.stop_reason()
+    flags = session.reduce_mean({"invalid": float(reason == "invalid"), "budget": float(reason == "budget")})
+    if not flags["invalid"] and not flags["budget"]:
+        return False
+    latest = checkpoint.latest(session.output_dir, verify=False) if session.is_main else None
+    if latest is None or latest.name != f"step_{session.state.step}":
+        session.save()
+    if flags["invalid"]:
+        error = runner.invalid_error()
+        session.logger.info(f"stopping: {error.render()}")
+        session.logger.close()
+        raise error
+    session.logger.info(runner.budget_message())
+    return True

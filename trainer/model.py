@@ -1,0 +1,94 @@
+"""Load the policy (full weights or a LoRA adapter through peft), its tokenizer and the KL reference.
+
+Models load with ``from_pretrained(path)``, the same call for a real Qwen3 checkpoint and for the tiny
+model the tests build. ``checkpoint`` points at a saved ``policy/`` to continue from: a full model is
+loaded from there; an adapter is loaded onto the base from ``model.path``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from trainer.config.schema import ModelConfig
+from trainer.errors import UserError
+
+
+def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "auto":
+        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def ensure_model(cfg: ModelConfig) -> None:
+    """Build the tiny model at ``cfg.path`` when the config asks for it and it is missing."""
+    if cfg.create_if_missing and not (Path(cfg.path) / "config.json").exists():
+        from trainer.tiny import build_tiny_model
+
+        build_tiny_model(cfg.path)
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    try:
+        tok = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.path: {path}", f"cannot load a tokenizer: {e}") from None
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    # Generation batches are left-padded so every prompt ends where its completion starts.
+    tok.padding_side = "left"
+    return tok
+
+
+def load_policy(cfg: ModelConfig, device: torch.device, checkpoint: Path | None = None) -> PreTrainedModel:
+    dtype = resolve_dtype(cfg.dtype, device)
+    source = checkpoint if checkpoint is not None and not cfg.lora.enabled else cfg.path
+    model = _from_pretrained(source, dtype)
+    if cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+        model.config.use_cache = False
+    if cfg.lora.enabled:
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if checkpoint is not None:
+            model = PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
+        else:
+            lora = LoraConfig(
+                r=cfg.lora.r,
+                lora_alpha=cfg.lora.alpha,
+                lora_dropout=cfg.lora.dropout,
+                target_modules=cfg.lora.target_modules,
+                task_type="CAUSAL_LM",
+            )
+            model = get_peft_model(model, lora)
+    return model.to(device)
+
+
+def load_reference(cfg: ModelConfig, device: torch.device) -> PreTrainedModel | None:
+    """A frozen copy of the starting weights for the KL term; None with LoRA (the base is the reference)."""
+    if cfg.lora.enabled:
+        return None
+    ref = _from_pretrained(cfg.path, resolve_dtype(cfg.dtype, device)).to(device).eval()
+    ref.requires_grad_(False)
+    return ref
+
+
+def _from_pretrained(path: str | Path, dtype: torch.dtype) -> PreTrainedModel:
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
+    except (OSError, ValueError) as e:
+        raise UserError(f"model.path: {path}", f"cannot load a causal LM: {e}") from None
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The model under a DistributedDataParallel wrapper, if any."""
+    return model.module if hasattr(model, "module") else model
+
+
+def trainable_parameters(model: torch.nn.Module) -> tuple[int, int]:
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return trainable, sum(p.numel() for p in model.parameters())

@@ -1,0 +1,362 @@
+"""Episodes of a GRPO step: concurrent tasks on one event loop, micro-batched generation, per-token loss masks.
+
+``EpisodeRunner.rollout(rows, n, params)`` plays ``n`` episodes per row and returns one ``Trajectory``
+each. Every episode is an asyncio task on the run's ``LoopThread``; its turns alternate between
+
+- generation: the episode's whole token sequence goes to the ``GenerationBatcher``, which collects
+  the requests of all episodes waiting at that moment into one ``engine.generate`` call, run in a
+  worker thread so the event loop keeps serving API replies meanwhile; and
+- the environment: ``await episode.step(agent_text)`` (user simulator, coverage judge: API calls).
+
+so while one episode waits for the API the engine generates for the others. An episode's judge
+calls (``llm_judge`` rewards) start the moment it ends. Token-in/token-out: the agent's generated
+ids enter the sequence verbatim with loss mask 1; the observation between turns is rendered by the
+chat template (``TurnTemplate``) and enters with mask 0, as context.
+
+``single_turn`` is the one-turn case: prompts are the session's pre-tokenised ones, the batcher sees
+all ``batch x group`` requests at once and the result equals the foundation's single ``generate``
+call (same sampling order, same numbers for the same seed).
+
+Invalid episodes (an API call that failed after its retries, an unparseable judge reply) get
+``reward=None``: the trainer excludes them from the loss and they are counted here
+(``episodes/invalid``); too many in the window stops the run (``check_stop``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import queue
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from trainer.config.multiturn import LlmJudgeReward, UserSimulatorConfig
+from trainer.config.schema import RunConfig
+from trainer.engines.base import Completion, RolloutEngine, SamplingParams
+from trainer.envs import Environment, EpisodeResult, make_environment
+from trainer.envs.invalid import InvalidMonitor
+from trainer.errors import UserError
+from trainer.evaluate import sample_args
+from trainer.llm import LLMClient, LoopThread, make_client, merge_snapshots, open_cache
+from trainer.llm.types import Message
+from trainer.prompts import TurnTemplate, encode_chat
+from trainer.rewards import Reward, score
+from trainer.rewards_llm import LlmJudge
+
+
+@dataclass
+class Trajectory:
+    """One episode as the trainer sees it. T = the episode's tokens (prompt, agent turns, observations)."""
+
+    token_ids: list[int]  # [T]
+    # [T] 1 on tokens the agent generated (trained), 0 on prompt and observations (context)
+    loss_mask: list[int]
+    reward: float | None  # weighted total of the rewards; None when the episode is invalid
+    parts: dict[str, float | None]  # each reward's raw value by metric name; None where not applicable
+    invalid: str | None  # why the episode cannot be scored (excluded from the loss)
+    turns: int
+    agent_tokens: int  # sum(loss_mask)
+    finished: bool  # the last agent turn ended with the end token (not cut at max_new_tokens)
+    malformed_actions: int = 0
+    truncated: bool = False  # ended by environment.max_episode_tokens
+    messages: list[Message] = field(default_factory=list)  # the conversation as text (judges, debugging)
+
+
+class GenerationBatcher:
+    """Micro-batches the generation requests of concurrent episodes into ``engine.generate`` calls.
+
+    Episodes (on the event loop) queue requests; whenever the engine is free, everything queued becomes
+    one batch (continuous batching at turn granularity). The batches run on the *calling* thread of
+    ``drive`` (the training thread), never on the event loop, which keeps serving API replies meanwhile.
+    Not a worker thread: on CPU, torch called from a second thread starts a second OpenMP pool whose
+    spinning threads slow the training thread's own work threefold.
+
+    ``busy_s`` is the engine's time in ``generate``; a rollout's wall time minus it is the time the
+    engine sat idle waiting for the API (``time/engine_idle_s``).
+    """
+
+    def __init__(self, engine: RolloutEngine, loop: asyncio.AbstractEventLoop):
+        self.engine = engine
+        self.loop = loop
+        self._pending: list[tuple[list[int], SamplingParams, asyncio.Future[Completion]]] = []
+        self._in_flight = False
+        self._jobs: queue.SimpleQueue = queue.SimpleQueue()
+        self.busy_s = 0.0
+        self.batches = 0
+
+    async def generate(self, ids: list[int], params: SamplingParams) -> Completion:
+        """One sample for ``ids`` (called from episode tasks on the event loop)."""
+        fut: asyncio.Future[Completion] = self.loop.create_future()
+        self._pending.append((ids, params, fut))
+        if not self._in_flight:
+            self._in_flight = True
+            # Scheduled behind the tasks already ready in this tick, so their requests join this batch.
+            self.loop.call_soon(self._dispatch)
+        return await fut
+
+    def _dispatch(self) -> None:
+        live = [p for p in self._pending if not p[2].done()]
+        if not live:
+            self._pending, self._in_flight = [], False
+            return
+        params = live[0][1]
+        batch = [p for p in live if p[1] == params]
+        self._pending = [p for p in live if p[1] != params]
+        self._jobs.put((batch, params))
+
+    def _deliver(self, batch: list, out: list[list[Completion]] | None, error: BaseException | None) -> None:
+        for (_, _, fut), samples in zip(batch, out or [None] * len(batch), strict=True):
+            if fut.done():
+                continue
+            if error is not None:
+                fut.set_exception(error)
+            else:
+                fut.set_result(samples[0])
+        self._in_flight = False
+        if self._pending:
+            self._in_flight = True
+            self._dispatch()
+
+    def drive(self, done: concurrent.futures.Future) -> None:
+        """Run the engine for the episodes until ``done`` (the rollout's future) completes; call from the
+        training thread."""
+        done.add_done_callback(lambda _: self._jobs.put(None))
+        while (job := self._jobs.get()) is not None:
+            batch, params = job
+            t0 = time.perf_counter()
+            out, error = None, None
+            try:
+                out = self.engine.generate([b[0] for b in batch], 1, params)
+            except Exception as e:  # a bug or out-of-memory, not an API problem: the episodes re-raise it
+                error = e
+            self.busy_s += time.perf_counter() - t0
+            self.batches += 1
+            self.loop.call_soon_threadsafe(self._deliver, batch, out, error)
+
+
+class EpisodeRunner:
+    """The run's event loop, environment, user-simulator and judge clients, and episode bookkeeping."""
+
+    def __init__(self, cfg: RunConfig, engine: RolloutEngine, tokenizer, rewards: list[Reward], output_dir: str,
+                 seed: int = 0, clients: dict[str, LLMClient] | None = None):  # fmt: skip
+        """``clients`` replaces the ``user_simulator`` / ``judge`` clients the config describes (tests)."""
+        self._given = clients or {}
+        self.cfg = cfg
+        self.tokenizer = tokenizer
+        self.rewards = rewards
+        self.single_turn = cfg.environment.name == "single_turn"
+        self.template = TurnTemplate(tokenizer) if not self.single_turn else None
+        self.loop = LoopThread()
+        self.batcher = GenerationBatcher(engine, self.loop.loop)
+        self.clients: list[LLMClient] = []
+        try:
+            cache = open_cache(output_dir) if self._wants_cache() else None
+            self.user = self._client(cfg.user_simulator, "user_simulator", cache, seed)
+            self.judge = self._client(cfg.judge, "judge", cache, seed + 1)
+            judge_rewards = [r for r in cfg.rewards if isinstance(r, LlmJudgeReward)]
+            assert not judge_rewards or self.judge is not None  # the config validator requires the section
+            self.judges: list[tuple[str, float, LlmJudge]] = [
+                (r.name or r.type, r.weight, LlmJudge(r, self.judge))  # type: ignore[arg-type]
+                for r in judge_rewards
+            ]
+            self.envs = {split: self._environment(split) for split in ("train", "val")}
+        except BaseException:
+            self.close()
+            raise
+        sim, defaults = cfg.user_simulator, UserSimulatorConfig.model_fields
+        self.monitor = InvalidMonitor(sim.max_invalid_rate if sim else defaults["max_invalid_rate"].default,
+                                      sim.invalid_window if sim else defaults["invalid_window"].default)  # fmt: skip
+        self._step: dict[str, float] = {}
+
+    # ------------------------------------------------------------------ setup
+
+    def _wants_cache(self) -> bool:
+        return any(
+            s is not None and s.backend == "api" and s.cache
+            for s in (self.cfg.user_simulator, self.cfg.judge)
+        )
+
+    def _client(self, section, role: str, cache, seed: int) -> LLMClient | None:
+        if role in self._given:
+            client = self._given[role]
+        elif section is None:
+            return None
+        else:
+            client = make_client(section, role, cache, seed)
+        self.clients.append(client)
+        return client
+
+    def _environment(self, split: str) -> Environment:
+        return make_environment(self.cfg.environment, user=self.user, judge=self.judge, split=split)
+
+    def check_rows(self, rows: Sequence[dict], split: str, source: str) -> None:
+        """Fail before training when the data does not fit the environment (IntentionGym: unknown task ids)."""
+        env = self.envs[split]
+        check = getattr(env, "check_rows", None)
+        if check is not None:
+            check(rows, source)
+
+    def restore_api_stats(self, last_metrics: dict[str, Any] | None) -> None:
+        """Continue the cumulative API counters (and the budget) of a resumed run from its last logged step."""
+        if not last_metrics:
+            return
+        for client in self.clients:
+            prefix = f"api/{client.stats.name}/"
+            counts = {k[len(prefix) :]: int(v) for k, v in last_metrics.items()
+                      if k.startswith(prefix) and "latency" not in k and k != prefix + "cost" and v is not None}  # fmt: skip
+            client.stats.load_state_dict({"counts": counts, "cost": last_metrics.get(prefix + "cost") or 0.0})
+
+    # ------------------------------------------------------------------ rollouts
+
+    def rollout(self, rows: Sequence[tuple[int, dict, list[int]]], n: int, params: SamplingParams,
+                split: str = "train") -> list[Trajectory]:  # fmt: skip
+        """``n`` episodes per ``(index, row, prompt_ids)``, in row-major order (a group's members are adjacent)."""
+        env = self.envs[split]
+        t0 = time.perf_counter()
+        busy0 = self.batcher.busy_s
+        episodes = [self._episode(env, row, ids, params) for _, row, ids in rows for _ in range(n)]
+        done = self.loop.submit(self._gather(episodes))
+        self.batcher.drive(done)  # generation runs here, on the training thread, until every episode ended
+        trajectories = done.result()
+        wall = time.perf_counter() - t0
+        busy = self.batcher.busy_s - busy0
+        if split == "train":
+            for t in trajectories:
+                self.monitor.add(t.invalid)
+            self._step = {
+                "time/rollout_s": wall,
+                "time/engine_busy_s": busy,
+                "time/engine_idle_s": max(0.0, wall - busy),
+            }
+        return trajectories
+
+    @staticmethod
+    async def _gather(coros: list) -> list[Trajectory]:
+        return list(await asyncio.gather(*coros))
+
+    async def _episode(
+        self, env: Environment, row: dict, prompt_ids: list[int], params: SamplingParams
+    ) -> Trajectory:
+        episode = env.start(row)
+        if not self.single_turn:  # the session's prompts carry no tool schemas
+            prompt_ids = encode_chat(self.tokenizer, episode.messages, episode.tools)
+        ids, mask = list(prompt_ids), [0] * len(prompt_ids)
+        messages: list[Message] = list(episode.messages)
+        limit = self.cfg.environment.max_episode_tokens
+        last: Completion | None = None
+        truncated = False
+        while not episode.done:
+            if last is not None and len(ids) + params.max_new_tokens > limit:
+                truncated = True  # scored on the turns so far, like an episode that ran out of turns
+                break
+            last = await self.batcher.generate(ids, params)
+            ids += last.completion_ids
+            mask += [1] * len(last.completion_ids)
+            text = (
+                last.text
+                if self.template is None
+                else self.template.agent_text(last.completion_ids, last.finished)
+            )
+            messages.append({"role": "assistant", "content": text})
+            step = await episode.step(text)
+            if step.done or self.template is None:
+                break
+            context = self.template.observation_ids(step.observation, last.finished)
+            ids += context
+            mask += [0] * len(context)
+            messages += step.observation
+        assert last is not None
+        result = episode.result()
+        reward, parts, invalid = await self._score(row, result, messages, last, sum(mask))
+        return Trajectory(ids, mask, reward, parts, invalid, result.turns, sum(mask), last.finished,
+                          result.malformed_actions, truncated, messages)  # fmt: skip
+
+    async def _score(self, row: dict, result: EpisodeResult, messages: list[Message], last: Completion,
+                     agent_tokens: int) -> tuple[float | None, dict[str, float | None], str | None]:  # fmt: skip
+        """Weighted total of the environment's score, the sync ``rewards`` and the ``llm_judge`` rewards."""
+        max_new = self.cfg.rollout.max_new_tokens
+        if self.single_turn:
+            sample = sample_args(row, last, max_new)  # exactly the foundation's reward arguments
+        else:
+            # Multi-turn: sync rewards see the agent's last reply; length is over all its turns and budget.
+            sample = {**sample_args(row, last, max_new), "completion": messages[-1]["content"] if messages else "",
+                      "num_tokens": agent_tokens, "max_new_tokens": max_new * self.cfg.environment.max_turns}  # fmt: skip
+        totals, raw = score(self.rewards, [sample]) if self.rewards else ([0.0], {})
+        parts: dict[str, float | None] = {name: values[0] for name, values in raw.items()}
+        total = totals[0]
+        invalid = result.invalid
+        if not self.single_turn:
+            parts[self.cfg.environment.name] = result.score
+            if result.score is not None:
+                total += result.score
+        if invalid is None and self.judges:
+            answer = row.get("answer")
+            verdicts = await asyncio.gather(*(judge.score(messages, answer) for _, _, judge in self.judges))
+            for (name, weight, _), v in zip(self.judges, verdicts, strict=True):
+                parts[name] = v.value
+                if v.invalid is not None:
+                    invalid = invalid or f"{name}: {v.invalid}"
+                elif v.value is not None:
+                    total += weight * v.value
+        return (None if invalid else total), parts, invalid
+
+    # ------------------------------------------------------------------ metrics, evaluation, stopping
+
+    def step_metrics(self, trajectories: Sequence[Trajectory]) -> dict[str, float]:
+        """Episode, engine-idle and API metrics of the step that just rolled out (see the README's metric table)."""
+        m = dict(self._step)
+        m.update(self.monitor.metrics())
+        m["episodes/turns_mean"] = statistics.fmean(t.turns for t in trajectories)
+        m["episodes/malformed_actions"] = float(sum(t.malformed_actions for t in trajectories))
+        m["episodes/truncated"] = float(sum(t.truncated for t in trajectories))
+        if self.clients:
+            m.update(merge_snapshots([c.stats for c in self.clients], reset_window=True))
+        return m
+
+    def evaluate(self, rows: Sequence[tuple[int, dict, list[int]]], world_reduce) -> dict[str, float]:
+        """One greedy (``rollout.eval_temperature``) episode per validation row: ``eval/reward`` over valid ones.
+
+        ``world_reduce`` sums a dict of floats over processes."""
+        r = self.cfg.rollout
+        params = SamplingParams(r.max_new_tokens, r.eval_temperature, r.top_p, r.top_k)
+        trajectories = self.rollout(rows, 1, params, split="val")
+        valid = [t.reward for t in trajectories if t.reward is not None]
+        sums = world_reduce({"n": float(len(valid)), "reward_sum": float(sum(valid)),
+                             "invalid": float(len(trajectories) - len(valid))})  # fmt: skip
+        out = {"eval/samples": sums["n"], "eval/invalid": sums["invalid"]}
+        if sums["n"]:
+            out["eval/reward"] = sums["reward_sum"] / sums["n"]
+        return out
+
+    def stop_reason(self) -> str | None:
+        """``"invalid"`` when the invalid rate passed the limit, ``"budget"`` when an API budget is spent."""
+        if self.monitor.exceeded():
+            return "invalid"
+        if any(c.stats.budget_exceeded for c in self.clients):
+            return "budget"
+        return None
+
+    def invalid_error(self) -> UserError:
+        return self.monitor.error([c.stats for c in self.clients])
+
+    def budget_message(self) -> str:
+        spent = [f"{c.stats.endpoint}: {c.stats.cost:.4g} of budget {c.stats.budget:.4g}"
+                 for c in self.clients if c.stats.budget_exceeded]  # fmt: skip
+        return (
+            "API budget exceeded ("
+            + "; ".join(spent)
+            + "): checkpointing and stopping; raise the budget to resume"
+        )
+
+    def close(self) -> None:
+        async def _close() -> None:
+            for c in self.clients:
+                await c.aclose()
+
+        try:
+            self.loop.run(_close(), timeout=30)
+        finally:
+            self.loop.close()

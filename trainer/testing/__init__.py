@@ -1,0 +1,10 @@
+"""Real test doubles for the API path: a local OpenAI-compatible server and a fault-injecting proxy.
+
+- ``trainer.testing.serve.TransformersServer`` starts ``transformers serve`` on a local model
+  directory, bound to 127.0.0.1 on a free port, offline (a real OpenAI-compatible endpoint).
+- ``trainer.testing.fault_proxy.FaultProxy`` sits in front of it and injects 429s with
+  ``Retry-After``, 500s, stalls, malformed JSON, dropped connections and added latency, and
+  counts the requests in flight.
+
+Used by the tests and the benchmarks; nothing in the training path imports this package.
+"""
