@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
+
+# One intra-op thread per process: the tiny models gain nothing from more, and on a 2-core CI machine
+# spinning OpenMP threads of concurrent processes (a trainer subprocess, the test server) slowed
+# training tests 4-10x. Set before anything imports torch; subprocesses inherit it.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest
 import yaml

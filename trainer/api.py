@@ -76,12 +76,11 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path, max_samples: int | None = N
     from trainer.data import load_dataset
     from trainer.engines import build_engine
     from trainer.evaluate import evaluate_rows, summarize
-    from trainer.model import load_policy, load_tokenizer
+    from trainer.model import load_policy, load_tokenizer, quiet_libraries
     from trainer.prompts import check_chat_template, encode_prompt
     from trainer.rewards import build_rewards
-    from trainer.session import _quiet_libraries
 
-    _quiet_libraries()
+    quiet_libraries()
     path = Path(checkpoint)
     policy_dir = path / "policy" if (path / "policy").is_dir() else path
     if not policy_dir.is_dir():

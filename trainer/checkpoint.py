@@ -17,7 +17,17 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from trainer.errors import UserError
+
 MANIFEST = "manifest.json"
+
+
+class CheckpointWriteError(UserError):
+    """The checkpoint directory cannot be written (read-only, full): the run stops, earlier checkpoints stay."""
+
+    exit_code = 1
+
+
 _STEP_DIR = re.compile(r"^step_(\d+)$")
 
 
@@ -30,22 +40,33 @@ def save(output_dir: str | Path, step: int, model, tokenizer, state: dict[str, A
     import torch
 
     root = checkpoints_dir(output_dir)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise CheckpointWriteError(str(root), f"cannot create the checkpoint directory: {e}") from None
     for stale in root.glob(".tmp-*"):
         shutil.rmtree(stale, ignore_errors=True)
     tmp = root / f".tmp-step_{step}-{os.getpid()}"
     final = root / f"step_{step}"
-    tmp.mkdir()
-    model.save_pretrained(tmp / "policy", safe_serialization=True)
-    tokenizer.save_pretrained(tmp / "policy")
-    torch.save(state, tmp / "training_state.pt")
-    (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
-    _write_manifest(tmp, step)
-    _fsync_tree(tmp)
-    if final.exists():  # a re-save of the same step (e.g. final save right after a periodic one)
-        shutil.rmtree(final)
-    os.replace(tmp, final)
-    _fsync_dir(root)
+    try:
+        tmp.mkdir()
+        model.save_pretrained(tmp / "policy", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "policy")
+        torch.save(state, tmp / "training_state.pt")
+        (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
+        _write_manifest(tmp, step)
+        _fsync_tree(tmp)
+        if final.exists():  # a re-save of the same step (e.g. final save right after a periodic one)
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+    except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = [p.name for _, p in complete_checkpoints(root)]
+        raise CheckpointWriteError(
+            str(root), f"cannot write checkpoint step_{step}: {e}",
+            hint=f"free space or fix permissions, then rerun to resume; earlier checkpoints are intact: {kept or 'none'}",
+        ) from None  # fmt: skip
     prune(root, keep_last)
     return final
 
@@ -101,8 +122,6 @@ def load_state(path: Path) -> dict[str, Any]:
 
 def resolve_resume(output_dir: str | Path, resume: str) -> Path | None:
     """The checkpoint to continue from, per ``checkpoint.resume``."""
-    from trainer.errors import UserError
-
     if resume == "never":
         existing = complete_checkpoints(checkpoints_dir(output_dir))
         if existing:

@@ -7,6 +7,7 @@ loaded from there; an adapter is loaded onto the base from ``model.path``.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import torch
@@ -14,6 +15,15 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, P
 
 from trainer.config.schema import ModelConfig
 from trainer.errors import UserError
+
+
+def quiet_libraries() -> None:
+    """No progress bars or info chatter in logs meant for ``kubectl logs``."""
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def resolve_dtype(name: str, device: torch.device) -> torch.dtype:

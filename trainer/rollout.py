@@ -282,8 +282,9 @@ class EpisodeRunner:
             sample = sample_args(row, last, max_new)  # exactly the foundation's reward arguments
         else:
             # Multi-turn: sync rewards see the agent's last reply; length is over all its turns and budget.
-            sample = {**sample_args(row, last, max_new), "completion": messages[-1]["content"] if messages else "",
-                      "num_tokens": agent_tokens, "max_new_tokens": max_new * self.cfg.environment.max_turns}  # fmt: skip
+            reply = next(m["content"] for m in reversed(messages) if m["role"] == "assistant")
+            sample = {**sample_args(row, last, max_new), "completion": reply, "num_tokens": agent_tokens,
+                      "max_new_tokens": max_new * self.cfg.environment.max_turns}  # fmt: skip
         totals, raw = score(self.rewards, [sample]) if self.rewards else ([0.0], {})
         parts: dict[str, float | None] = {name: values[0] for name, values in raw.items()}
         total = totals[0]

@@ -18,7 +18,6 @@ or anything is written, so bad input fails fast and leaves ``output_dir`` untouc
 from __future__ import annotations
 
 import math
-import os
 import random
 import signal
 import time
@@ -36,7 +35,14 @@ from trainer.engines import build_engine
 from trainer.errors import UserError
 from trainer.evaluate import evaluate_rows, summarize
 from trainer.metrics import MetricsLogger, format_duration, step_line, write_plots
-from trainer.model import ensure_model, load_policy, load_tokenizer, trainable_parameters, unwrap
+from trainer.model import (
+    ensure_model,
+    load_policy,
+    load_tokenizer,
+    quiet_libraries,
+    trainable_parameters,
+    unwrap,
+)
 from trainer.prompts import check_chat_template, encode_prompt
 from trainer.rewards import build_rewards
 from trainer.schedule import LRSchedule
@@ -100,7 +106,7 @@ class Session:
         if self.cfg.algorithm.batch_size % self.world:
             raise UserError("algorithm.batch_size", f"{self.cfg.algorithm.batch_size} is not divisible by the "
                             f"{self.world} processes", hint="use a multiple of the process count")  # fmt: skip
-        _quiet_libraries()
+        quiet_libraries()
 
     def _load_inputs(self) -> None:
         cfg = self.cfg
@@ -322,15 +328,22 @@ class Session:
         if self.world > 1:
             states = [None] * self.world
             torch.distributed.all_gather_object(states, rng)
-        path = None
+        path, error = None, None
         if self.is_main:
             state = {"state": asdict(self.state), "optimizer": self.optimizer.state_dict(), "rng": states,
                      "config": self.cfg.model_dump(mode="json")}  # fmt: skip
-            path = checkpoint.save(self.output_dir, self.state.step, self.policy, self.tokenizer, state,
-                                   dump_config(self.cfg), self.cfg.checkpoint.keep_last)  # fmt: skip
-            self.logger.info(f"checkpoint {path}")
+            try:
+                path = checkpoint.save(self.output_dir, self.state.step, self.policy, self.tokenizer, state,
+                                       dump_config(self.cfg), self.cfg.checkpoint.keep_last)  # fmt: skip
+                self.logger.info(f"checkpoint {path}")
+            except checkpoint.CheckpointWriteError as e:
+                error = e
+        # Doubles as the barrier after the save: every rank learns whether rank 0 could write.
+        if self._any_rank(error is not None):
+            raise error or checkpoint.CheckpointWriteError(
+                str(self.output_dir), "rank 0 could not write a checkpoint"
+            )
         self._saved_step = self.state.step
-        self.accelerator.wait_for_everyone()
         return path
 
     def finish(self, last_metrics: dict[str, Any] | None = None) -> TrainResult:
@@ -364,15 +377,6 @@ class Session:
     def _on_sigterm(self, signum, frame) -> None:
         # Finish the current step, checkpoint, exit 143: see end_step.
         self._preempted = True
-
-
-def _quiet_libraries() -> None:
-    """No progress bars or info chatter in logs meant for ``kubectl logs``."""
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.logging.disable_progress_bar()
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
 def _get_rng_state() -> dict[str, Any]:

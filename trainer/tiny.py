@@ -73,6 +73,9 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, 
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
+    from trainer.model import quiet_libraries
+
+    quiet_libraries()
     out_dir = Path(out_dir)
     tokenizer = build_tokenizer()
     torch.manual_seed(seed)

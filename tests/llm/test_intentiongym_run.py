@@ -33,10 +33,11 @@ def overrides(tmp_path: Path, tiny_model: Path, server: TransformersServer, prox
         f"output_dir={tmp_path / 'run'}",
         f"model.path={tiny_model}",
         "model.gradient_checkpointing=false",
-        "algorithm.batch_size=4",
-        "algorithm.group_size=4",  # 16 episodes: enough for the invalid-rate window to judge
+        "algorithm.batch_size=2",
+        "algorithm.group_size=2",
         "algorithm.grad_accum=2",
-        "algorithm.max_steps=1",
+        "algorithm.max_steps=2",
+        "user_simulator.invalid_window=4",  # the invalid-rate stop judges after the first step's 4 episodes
         f"data.train.path={s['train']}",
         f"data.val.path={s['test']}",
         f"environment.intentions={s['train_intentions']}",
@@ -62,26 +63,61 @@ def launcher_run(args: list[str]) -> subprocess.CompletedProcess:
 def test_launcher_runs_intentiongym_against_a_real_server(
     tmp_path: Path, tiny_model: Path, server: TransformersServer, proxy: FaultProxy
 ) -> None:
-    out = launcher_run([*overrides(tmp_path, tiny_model, server, proxy), "user_simulator.max_invalid_rate=1.0"])
+    out = launcher_run(
+        [*overrides(tmp_path, tiny_model, server, proxy), "user_simulator.max_invalid_rate=1.0"]
+    )
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
-    rows = [json.loads(line) for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
-    (last,) = rows
-    assert last["api/calls"] >= 16 and last["api/judge/calls"] >= 16  # one judge call per episode
-    assert last["episodes/invalid"] == 16 and last["episodes/invalid_rate"] == 1.0
-    assert last["api/failed"] == 16 and last["loss/policy"] == 0  # nothing was trained on a failure
-    assert "invalid 16 (100%)" in out.stdout and "api 16 calls 16 failed" in out.stdout
-    assert proxy.stats()["forwarded"] >= 16
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()
+    ]
+    assert [r["step"] for r in rows] == [1, 2]
+    for step, r in enumerate(rows, 1):
+        assert r["api/calls"] == r["api/judge/calls"] == 4 * step  # one judge call per episode, cumulative
+        assert r["episodes/invalid"] == 4 and r["episodes/invalid_rate"] == 1.0
+        assert r["api/failed"] == 4 * step and r["loss/policy"] == 0  # nothing was trained on a failure
+        assert r["api/latency_p50_s"] > 0 and "time/engine_idle_s" in r
+    assert "invalid 4 (100%) api 8 calls 8 failed" in out.stdout
+    assert proxy.stats()["forwarded"] == 8
 
 
-@pytest.mark.slow
 def test_too_many_invalid_episodes_checkpoint_and_stop_naming_the_endpoint(
-    tmp_path: Path, tiny_model: Path, server: TransformersServer, proxy: FaultProxy
+    tmp_path: Path,
+    tiny_model: Path,
+    server: TransformersServer,
+    proxy: FaultProxy,
+    capsys: pytest.CaptureFixture[str],
 ) -> None:
-    out = launcher_run([*overrides(tmp_path, tiny_model, server, proxy), "algorithm.max_steps=3"])
-    assert out.returncode == 1, out.stdout[-3000:] + out.stderr[-3000:]
-    assert "Error: user_simulator.max_invalid_rate" in out.stderr
-    assert f"judge (openai/{server.model} at {proxy.url}/v1)" in out.stderr
-    assert "16 of the last 16 episodes were invalid" in out.stderr and "parse" in out.stderr
-    assert "Traceback" not in out.stderr
+    from trainer.__main__ import main
+
+    args = ["--config", str(REPO / "configs" / "intentiongym.yaml")]
+    for a in overrides(tmp_path, tiny_model, server, proxy):
+        args += ["--set", a]
+    assert main(args) == 1  # `python -m trainer`, in this process
+    err = capsys.readouterr().err
+    assert "Error: user_simulator.max_invalid_rate" in err
+    assert f"judge (openai/{server.model} at {proxy.url}/v1)" in err
+    assert "4 of the last 4 episodes were invalid" in err and "parse" in err
+    assert "Traceback" not in err
     assert (tmp_path / "run" / "checkpoints" / "step_1" / "manifest.json").is_file()  # saved before stopping
     assert not (tmp_path / "run" / "checkpoints" / "step_2").exists()
+
+
+def test_spent_budget_checkpoints_and_stops_gracefully(
+    tmp_path: Path, tiny_model: Path, server: TransformersServer, proxy: FaultProxy
+) -> None:
+    from trainer import api
+    from trainer.config import load_config
+
+    budget = [
+        "user_simulator.max_invalid_rate=1.0",
+        "judge.price_per_1k_prompt_tokens=1.0",
+        "judge.budget=1e-9",
+    ]
+    cfg = load_config(
+        REPO / "configs" / "intentiongym.yaml", [*overrides(tmp_path, tiny_model, server, proxy), *budget]
+    )
+    result = api.train(cfg)
+    assert result.status == "success" and result.steps == 1  # of max_steps 2: stopped after the first
+    assert (tmp_path / "run" / "checkpoints" / "step_1" / "manifest.json").is_file()
+    log = (tmp_path / "run" / "logs" / "train.log").read_text()
+    assert f"API budget exceeded (judge (openai/{server.model} at {proxy.url}/v1)" in log

@@ -18,13 +18,13 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def local_overrides(tmp_path: Path, tiny_model: Path) -> list[str]:
-    s = write_sample(tmp_path / "data", train=8, test=2, seed=0)
+    s = write_sample(tmp_path / "data", train=4, test=2, seed=0)
     return [
         f"output_dir={tmp_path / 'run'}",
         f"model.path={tiny_model}",
         "model.gradient_checkpointing=false",
         "algorithm.lr=1e-3",
-        "algorithm.batch_size=4",
+        "algorithm.batch_size=2",
         "algorithm.group_size=2",
         "algorithm.grad_accum=2",
         "algorithm.max_steps=2",
@@ -48,8 +48,10 @@ def local_overrides(tmp_path: Path, tiny_model: Path) -> list[str]:
 def test_intentiongym_with_local_user_and_rule_judge(tmp_path: Path, tiny_model: Path) -> None:
     cfg = load_config(REPO / "configs" / "intentiongym.yaml", local_overrides(tmp_path, tiny_model))
     result = api.train(cfg)
-    assert result.status == "success" and result.steps == 2  # 8 tasks / 4 per step
-    rows = [json.loads(line) for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()]
+    assert result.status == "success" and result.steps == 2  # 4 tasks / 2 per step
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()
+    ]
     assert [r["step"] for r in rows] == [1, 2]
     for r in rows:
         assert r["episodes/invalid"] == 0 and r["episodes/invalid_rate"] == 0

@@ -202,3 +202,37 @@ def test_collate_shifts_precomputed_masks_onto_targets() -> None:
     assert batch.input_ids.tolist() == [[5, 6, 7, 8, 9], [5, 6, 0, 0, 0]]
     assert batch.loss_mask.tolist() == [[0, 1, 0, 1], [1, 0, 0, 0]]
     assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 1], [1, 1, 0, 0, 0]]
+
+
+# The parts of Qwen3's chat template that matter between turns, condensed: tool results go back inside a
+# user turn wrapped in <tool_response>, and an assistant turn after the last user query keeps its think
+# block only when it is the last message (so re-rendering a conversation is not a growing prefix).
+QWEN3_LIKE = (
+    "{%- set ns = namespace(last_query_index=messages|length - 1) %}"
+    "{%- for m in messages[::-1] %}{%- set i = messages|length - 1 - loop.index0 %}"
+    "{%- if m.role == 'user' and ns.last_query_index == messages|length - 1 %}{%- set ns.last_query_index = i %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- for m in messages %}"
+    "{%- if m.role == 'user' or m.role == 'system' %}{{- '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}"
+    "{%- elif m.role == 'assistant' %}"
+    "{%- if loop.index0 > ns.last_query_index and loop.last %}"
+    "{{- '<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n' + m.content }}"
+    "{%- else %}{{- '<|im_start|>assistant\\n' + m.content }}{%- endif %}{{- '<|im_end|>\\n' }}"
+    "{%- elif m.role == 'tool' %}"
+    "{%- if loop.first or messages[loop.index0 - 1].role != 'tool' %}{{- '<|im_start|>user' }}{%- endif %}"
+    "{{- '\\n<tool_response>\\n' + m.content + '\\n</tool_response>' }}"
+    "{%- if loop.last or messages[loop.index0 + 1].role != 'tool' %}{{- '<|im_end|>\\n' }}{%- endif %}"
+    "{%- endif %}{%- endfor %}"
+    "{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}"
+)
+
+
+@pytest.mark.parametrize("finished", [True, False])
+def test_observation_tokens_follow_a_qwen3_style_template(tiny_model, finished: bool) -> None:
+    from trainer.prompts import TurnTemplate
+
+    tok = load_tokenizer(tiny_model)
+    tok.chat_template = QWEN3_LIKE
+    ids = TurnTemplate(tok).observation_ids([{"role": "tool", "content": "About 500 dollars."}], finished)
+    expected = "\n<|im_start|>user\n<tool_response>\nAbout 500 dollars.\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
+    assert tok.decode(ids) == ("" if finished else "<|im_end|>") + expected

@@ -175,3 +175,27 @@ def test_two_processes_train_one_model(make_config) -> None:
     cfg = load_config(path)
     assert [r["step"] for r in _metrics(cfg)] == [1, 2, 3, 4]  # rank 0 alone writes metrics
     assert proc.stdout.count("step 4/4") == 1
+
+
+def test_full_disk_stops_cleanly_and_keeps_earlier_checkpoints(make_config, monkeypatch) -> None:
+    """A disk that fills up mid-save (injected: tests run as root on a roomy disk) stops the run with a clear
+    error; the half-written checkpoint is removed and the earlier ones stay loadable."""
+    import errno
+
+    real = checkpoint._write_manifest
+
+    def write_manifest(tmp, step):
+        if step >= 4:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        real(tmp, step)
+
+    monkeypatch.setattr(checkpoint, "_write_manifest", write_manifest)
+    cfg = load_config(make_config("full", algorithm__max_steps=6, checkpoint__save_every_steps=2))
+    with pytest.raises(checkpoint.CheckpointWriteError) as e:
+        api.train(cfg)
+    assert "cannot write checkpoint step_4: [Errno 28] No space left on device" in e.value.render()
+    assert "earlier checkpoints are intact: ['step_2']" in e.value.hint
+    assert e.value.exit_code == 1
+    root = checkpoint.checkpoints_dir(cfg.output_dir)
+    assert sorted(p.name for p in root.iterdir()) == ["step_2"]
+    assert checkpoint.latest(cfg.output_dir).name == "step_2"

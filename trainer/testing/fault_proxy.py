@@ -13,7 +13,8 @@ malformed      HTTP 200 whose JSON body is cut in half
 drop           the connection closed without a response
 =============  ==================================================================================
 
-``latency_s`` is added to every request, faulty or not (the benchmark's injected API latency).
+``latency_s`` is added to every request, faulty or not (the benchmark's injected API latency); with
+``latency_dist="exponential"`` each request draws its own delay with that mean (seeded).
 Faults come first from the script (``proxy.script("rate_limit", "server_error")`` applies to the
 next two requests, in order), then at random with probability ``rate`` among ``kinds``, from a
 seeded generator so runs repeat. The proxy counts requests and the most requests ever in flight at
@@ -50,7 +51,8 @@ class FaultPlan:
 
     rate: float = 0.0  # probability that a request gets a fault
     kinds: tuple[str, ...] = FAULT_KINDS  # faults drawn uniformly when one is due
-    latency_s: float = 0.0  # added before every response
+    latency_s: float = 0.0  # added before every response (the mean, with latency_dist "exponential")
+    latency_dist: str = "fixed"  # "exponential": each request draws its delay, a relay's long tail
     retry_after_s: float = 0.2  # value of Retry-After on 429s
     stall_s: float = 30.0  # how long a stalled request hangs before its 504
     seed: int = 0
@@ -59,6 +61,8 @@ class FaultPlan:
         unknown = set(self.kinds) - set(FAULT_KINDS)
         if unknown:
             raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {FAULT_KINDS}")
+        if self.latency_dist not in ("fixed", "exponential"):
+            raise ValueError(f"latency_dist {self.latency_dist!r}: expected fixed or exponential")
 
 
 @dataclass
@@ -182,6 +186,12 @@ class FaultProxy:
 
     # ------------------------------------------------------------------ requests
 
+    def _delay(self, plan: FaultPlan) -> float:
+        if plan.latency_dist == "fixed" or plan.latency_s <= 0:
+            return plan.latency_s
+        with self._lock:
+            return self._rng.expovariate(1 / plan.latency_s)
+
     def _next_fault(self) -> tuple[str | None, FaultPlan]:
         with self._lock:
             plan = self._plan
@@ -203,8 +213,9 @@ class FaultProxy:
         try:
             body = await request.read()
             kind, plan = self._next_fault()
-            if plan.latency_s > 0:
-                await asyncio.sleep(plan.latency_s)
+            delay = self._delay(plan)
+            if delay > 0:
+                await asyncio.sleep(delay)
             if kind is not None:
                 with self._lock:
                     self._stats.faults[kind] += 1

@@ -1,0 +1,41 @@
+"""SIGTERM (what kubelet sends on eviction): finish the step, checkpoint, exit 143 so the job retries and resumes."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+from trainer.config import load_config
+
+
+def test_sigterm_checkpoints_and_exits_retryable(make_config) -> None:
+    path = make_config("preempt", algorithm__max_steps=5000, checkpoint__save_every_steps=None)
+    proc = subprocess.Popen([sys.executable, "-m", "trainer", "--config", str(path)],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    lines = []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("step 3/"):
+                proc.send_signal(signal.SIGTERM)
+                break
+        rest, _ = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    lines += rest.splitlines(keepends=True)
+    assert proc.returncode == 128 + signal.SIGTERM, "".join(lines)[-2000:]
+    cfg = load_config(path)
+    rows = [json.loads(x) for x in (Path(cfg.output_dir) / "logs" / "metrics.jsonl").read_text().splitlines()]
+    last = rows[-1]["step"]
+    assert [r["step"] for r in rows] == list(range(1, last + 1))
+    ckpt = Path(cfg.output_dir) / "checkpoints" / f"step_{last}"
+    assert (ckpt / "manifest.json").is_file(), "".join(lines)[-2000:]
+    assert any("SIGTERM: checkpointing" in x for x in lines)
+
+    done = subprocess.run([sys.executable, "-m", "trainer", "--config", str(path), "--set",
+                           f"algorithm.max_steps={last + 2}"], capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert f"resumed from {ckpt} at step {last}" in done.stdout
