@@ -78,6 +78,8 @@ def data(
     from trainer import api
 
     try:
+        if split not in ("train", "val"):
+            raise UserError("--split", f"{split!r}: expected train or val")
         cfg = _load(config, set, check_files=False)
         result = api.inspect_data(cfg, split=split)
     except UserError as e:

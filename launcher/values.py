@@ -98,6 +98,7 @@ def to_values(cfg: RunConfig, run: str) -> dict[str, Any]:
         },
         "shmSize": c.shm_size,
         "weightsSize": c.weights_size,
+        "tmpSize": c.tmp_size,
         "outputDir": pod_output_dir(cfg, run),
         "pvc": {
             "name": c.pvc.name,

@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -56,10 +57,14 @@ def save(output_dir: str | Path, step: int, model, tokenizer, state: dict[str, A
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
         _write_manifest(tmp, step)
         _fsync_tree(tmp)
-        if final.exists():  # a re-save of the same step (e.g. final save right after a periodic one)
-            shutil.rmtree(final)
+        old = None
+        if final.exists():  # a re-save of the same step: keep a complete copy until the new one is in place
+            old = root / f".tmp-old-step_{step}-{os.getpid()}"
+            os.replace(final, old)
         os.replace(tmp, final)
         _fsync_dir(root)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
     except (OSError, RuntimeError) as e:  # torch.save reports a full disk as RuntimeError
         shutil.rmtree(tmp, ignore_errors=True)
         kept = [p.name for _, p in complete_checkpoints(root)]
@@ -74,6 +79,26 @@ def save(output_dir: str | Path, step: int, model, tokenizer, state: dict[str, A
 def prune(root: Path, keep_last: int) -> None:
     for _, path in complete_checkpoints(root)[keep_last:]:
         shutil.rmtree(path, ignore_errors=True)
+
+
+def set_aside_newer(output_dir: str | Path, resume_from: Path) -> list[str]:
+    """Move checkpoints newer than ``resume_from`` (an abandoned timeline) to ``checkpoints/abandoned/``.
+
+    Otherwise ``keep_last`` would prune the new run's checkpoints as "older", and a later ``resume: auto``
+    would jump back to the abandoned timeline.
+    """
+    root = checkpoints_dir(output_dir)
+    if resume_from.parent.resolve() != root.resolve():
+        return []
+    step = int(resume_from.name.split("_")[1])
+    moved = []
+    for s, path in complete_checkpoints(root):
+        if s > step:
+            dest = root / "abandoned" / f"{path.name}-{int(time.time())}"
+            dest.parent.mkdir(exist_ok=True)
+            os.replace(path, dest)
+            moved.append(path.name)
+    return moved
 
 
 def complete_checkpoints(root: Path) -> list[tuple[int, Path]]:

@@ -8,6 +8,7 @@ message) or a list of chat messages (verl format). Torch-free, so ``launcher dat
 from __future__ import annotations
 
 import json
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -47,30 +48,56 @@ def infer_format(ds: DatasetConfig) -> str:
                     hint="set data.<split>.format to jsonl or parquet")  # fmt: skip
 
 
-def read_records(ds: DatasetConfig, limit: int | None = None) -> list[dict[str, Any]]:
+def read_records(ds: DatasetConfig, limit: int | None = None, split: str = "train") -> list[dict[str, Any]]:
     path = Path(ds.path)
     if not path.is_file():
         raise UserError(str(path), "file not found", hint="check data.train.path / data.val.path")
     fmt = infer_format(ds)
     if fmt == "parquet":
         return _read_parquet(path, limit)
-    records = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, 1):
-            if not line.strip():
+    records: list[dict[str, Any]] = []
+    broken: list[int] = []  # line numbers of skipped lines (skip_bad_lines)
+    # Bytes, decoded per line: one torn or binary line must be reported (or skipped) by its number,
+    # not surface as a UnicodeDecodeError from the middle of the file.
+    with path.open("rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
                 continue
             try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise UserError(
-                    str(path), f"line {lineno}: invalid JSON: {e.msg} (column {e.colno})"
-                ) from None
-            if not isinstance(rec, dict):
-                raise UserError(str(path), f"line {lineno}: expected a JSON object, got {type(rec).__name__}")
+                rec = _parse_line(raw)
+            except ValueError as e:
+                if not ds.skip_bad_lines:
+                    raise UserError(
+                        str(path),
+                        f"line {lineno}: {e}",
+                        hint=f"fix the line, or set data.{split}.skip_bad_lines: true to skip broken lines",
+                    ) from None
+                broken.append(lineno)
+                continue
             records.append(rec)
             if limit is not None and len(records) >= limit:
                 break
+    if broken:
+        print(f"warning: data.{split}: skipped {len(broken)} broken lines in {path} (first at line {broken[0]})",
+              file=sys.stderr, flush=True)  # fmt: skip
+    if broken and not records:
+        raise UserError(str(path), f"the dataset has no rows: all {len(broken)} lines are broken")
     return records
+
+
+def _parse_line(raw: bytes) -> dict[str, Any]:
+    """One JSONL line as a dict; ValueError says what is wrong with it."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1})") from None
+    try:
+        rec = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"invalid JSON: {e.msg} (column {e.colno})") from None
+    if not isinstance(rec, dict):
+        raise ValueError(f"expected a JSON object, got {type(rec).__name__}")
+    return rec
 
 
 def _read_parquet(path: Path, limit: int | None) -> list[dict[str, Any]]:
@@ -115,7 +142,7 @@ def load_dataset(cfg: DataConfig, split: str = "train") -> Dataset:
     ds: DatasetConfig | None = getattr(cfg, split)
     if ds is None:
         raise UserError(f"data.{split}", "not configured")
-    records = read_records(ds, cfg.max_samples)
+    records = read_records(ds, cfg.max_samples, split)
     if not records:
         raise UserError(str(ds.path), "the dataset has no rows")
     mapping = resolve_columns(ds, list(records[0].keys()))
@@ -130,6 +157,11 @@ def _map_row(rec: dict, mapping: dict[str, str], system: str | None, path: str, 
         messages = _as_messages(rec.get(mapping["prompt"]), path, index)
     response = rec.get(mapping["response"]) if "response" in mapping else None
     answer = rec.get(mapping["answer"]) if "answer" in mapping else None
+    if messages and messages[-1]["role"] == "assistant" and len(messages) > 1:
+        # A conversation that ends with the reply: the reply is the target, not part of the prompt (or
+        # evaluation would show the model its own answer).
+        *messages, last = messages
+        response = last["content"] if response is None else response
     if system and (not messages or messages[0]["role"] != "system"):
         messages = [{"role": "system", "content": system}, *messages]
     return {

@@ -230,9 +230,11 @@ def _evaluate_episodes(session: Session, runner: EpisodeRunner) -> dict[str, flo
     rows = list(zip(range(len(session.val_rows)), session.val_rows, session.val_prompt_ids, strict=True))
     if session.cfg.eval.max_samples:
         rows = rows[: session.cfg.eval.max_samples]
-    return runner.evaluate(
-        rows[session.rank :: session.world], lambda sums: _summed(sums, session.world, all_keys=True)
-    )
+
+    def total(sums: dict[str, float]) -> dict[str, float]:  # sums over processes
+        return session.reduce_mean(_summed(sums, session.world, all_keys=True))
+
+    return runner.evaluate(rows[session.rank :: session.world], total)
 
 
 def _rollout_metrics(
@@ -248,7 +250,7 @@ def _rollout_metrics(
         "completion/finished": statistics.fmean(float(t.finished) for t in trajectories),
         "tokens": float(sum(t.agent_tokens for t in trajectories)) * world,
     }
-    for name in trajectories[0].parts if trajectories else ():
+    for name in dict.fromkeys(k for t in trajectories for k in t.parts):
         applicable = [v for t in trajectories if (v := t.parts.get(name)) is not None]
         if applicable:
             out[f"reward/{name}"] = statistics.fmean(applicable)
@@ -276,7 +278,11 @@ def _should_stop(session: Session, runner: EpisodeRunner) -> bool:
     if not flags["invalid"] and not flags["budget"]:
         return False
     latest = checkpoint.latest(session.output_dir, verify=False) if session.is_main else None
-    if latest is None or latest.name != f"step_{session.state.step}":
+    # Only rank 0 sees the checkpoints; every rank must agree, since saving is collective.
+    saved = session.reduce_mean(
+        {"saved": float(latest is not None and latest.name == f"step_{session.state.step}")}
+    )
+    if not saved["saved"]:
         session.save()
     if flags["invalid"]:
         error = runner.invalid_error()

@@ -26,12 +26,35 @@ def quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 
 
-def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
+def resolve_dtype(name: str, device: torch.device, trains_all_weights: bool = False) -> torch.dtype:
+    """``auto``: bfloat16 on a capable GPU, except for weights the optimizer updates directly.
+
+    Full fine-tuning keeps float32 master weights (the forward runs under bf16 autocast, see
+    ``Session``): a bf16 weight cannot absorb a 1e-6-sized update (0.02 - 1e-6 == 0.02 in bf16).
+    LoRA adapters are kept in float32 by peft, so the frozen base can be bf16.
+    """
     if name == "auto":
-        if device.type == "cuda" and torch.cuda.is_bf16_supported():
+        if device.type == "cuda" and torch.cuda.is_bf16_supported() and not trains_all_weights:
             return torch.bfloat16
         return torch.float32
     return getattr(torch, name)
+
+
+def autocast_bf16(cfg: ModelConfig) -> bool:
+    """Whether training forwards run under bf16 autocast (full fine-tuning with ``dtype: auto`` on a GPU)."""
+    return (
+        cfg.dtype == "auto"
+        and not cfg.lora.enabled
+        and torch.cuda.is_available()
+        and torch.cuda.is_bf16_supported()
+    )
+
+
+def disable_dropout(model: torch.nn.Module) -> None:
+    """RL compares log-probs of the same tokens across forwards; dropout noise would show up as policy change."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
 
 
 def ensure_model(cfg: ModelConfig) -> None:
@@ -55,7 +78,7 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
 
 
 def load_policy(cfg: ModelConfig, device: torch.device, checkpoint: Path | None = None) -> PreTrainedModel:
-    dtype = resolve_dtype(cfg.dtype, device)
+    dtype = resolve_dtype(cfg.dtype, device, trains_all_weights=not cfg.lora.enabled)
     source = checkpoint if checkpoint is not None and not cfg.lora.enabled else cfg.path
     model = _from_pretrained(source, dtype)
     if cfg.gradient_checkpointing:
@@ -88,9 +111,23 @@ def load_reference(cfg: ModelConfig, device: torch.device) -> PreTrainedModel | 
 
 
 def _from_pretrained(path: str | Path, dtype: torch.dtype) -> PreTrainedModel:
+    """A causal LM from ``path``; a LoRA adapter directory (e.g. an SFT run's ``policy/``) is merged into its base.
+
+    Without the merge, transformers would attach the adapter and a new LoRA (or the optimizer) would
+    silently train on top of the base alone, discarding the SFT stage.
+    """
+    adapter = Path(path) / "adapter_config.json"
     try:
+        if adapter.is_file():
+            import json
+
+            from peft import PeftModel
+
+            base_path = json.loads(adapter.read_text())["base_model_name_or_path"]
+            base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
+            return PeftModel.from_pretrained(base, path).merge_and_unload()
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, KeyError) as e:
         raise UserError(f"model.path: {path}", f"cannot load a causal LM: {e}") from None
 
 

@@ -71,7 +71,9 @@ def encode_sft(
                 + [tokenizer.eos_token_id]
             )
             end = len(full)
-        if full[: len(prefix)] != prefix or len(prefix) < len(ids):
+        # Templates that rewrite earlier turns (Qwen3 drops <think> blocks of past assistant turns) break
+        # this; refuse rather than train on a sequence the model never sees.
+        if full[: len(prefix)] != prefix or prefix[: len(ids)] != ids:
             raise UserError("data", "the chat template does not render conversations as a growing prefix",
                             hint="set data.use_chat_template: false")  # fmt: skip
         ids += full[len(ids) : len(prefix)]  # context since the previous assistant turn

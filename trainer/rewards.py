@@ -53,7 +53,8 @@ def extract_answer(completion: str) -> str:
         return boxed[-1]
     m = _ANSWER.findall(completion)
     if m:
-        return m[-1].strip().splitlines()[0]
+        lines = m[-1].strip().splitlines()
+        return lines[0] if lines else ""
     return completion
 
 

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 from trainer import checkpoint
 from trainer.config import dump_config
@@ -36,6 +37,8 @@ from trainer.errors import UserError
 from trainer.evaluate import evaluate_rows, summarize
 from trainer.metrics import MetricsLogger, format_duration, step_line, write_plots
 from trainer.model import (
+    autocast_bf16,
+    disable_dropout,
     ensure_model,
     load_policy,
     load_tokenizer,
@@ -98,7 +101,8 @@ class Session:
     def _init_processes(self) -> None:
         from accelerate import Accelerator
 
-        self.accelerator = Accelerator(cpu=not torch.cuda.is_available())
+        mixed = "bf16" if autocast_bf16(self.cfg.model) else "no"
+        self.accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision=mixed)
         self.device = self.accelerator.device
         self.rank = self.accelerator.process_index
         self.world = self.accelerator.num_processes
@@ -135,6 +139,20 @@ class Session:
         self.total_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
         self.rewards = build_rewards(cfg.rewards)
         self.resume_from = checkpoint.resolve_resume(self.output_dir, cfg.checkpoint.resume)
+        if self.resume_from is not None:
+            saved = yaml.safe_load((self.resume_from / "config.yaml").read_text())
+            if saved.get("algorithm", {}).get("name") != cfg.algorithm.name:
+                raise UserError(f"checkpoint {self.resume_from}", f"was written by a {saved['algorithm']['name']} run; "
+                                f"this config trains {cfg.algorithm.name}",
+                                hint=f"start the new stage in its own output_dir with model.path: {self.resume_from}/policy")  # fmt: skip
+            if self.is_main:
+                moved = checkpoint.set_aside_newer(self.output_dir, self.resume_from)
+                if moved:
+                    print(
+                        f"resuming from an older checkpoint: moved {moved} to checkpoints/abandoned/",
+                        flush=True,
+                    )
+        self.accelerator.wait_for_everyone()
 
     def _encode_prompts(self, rows: list[dict], split: str) -> list[list[int]]:
         limit = self.cfg.data.max_prompt_tokens
@@ -150,6 +168,8 @@ class Session:
         policy_dir = self.resume_from / "policy" if self.resume_from else None
         torch.manual_seed(cfg.algorithm.seed)  # identical initialisation (LoRA A matrices) on every rank
         model = load_policy(cfg.model, self.device, policy_dir)
+        if cfg.algorithm.name != "sft":
+            disable_dropout(model)
         model.train()
         params = [p for p in model.parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW(params, lr=cfg.algorithm.lr, weight_decay=cfg.algorithm.weight_decay)
@@ -163,6 +183,7 @@ class Session:
             saved = checkpoint.load_state(self.resume_from)
             self.optimizer.load_state_dict(saved["optimizer"])
             self.state = TrainState(**saved["state"])
+            self._saved_step = self.state.step  # that step is on disk already
             rng = saved["rng"][self.rank] if self.rank < len(saved["rng"]) else None
             if rng is not None:
                 _set_rng_state(rng)
@@ -272,7 +293,8 @@ class Session:
             self.logger.info(
                 f"SIGTERM: checkpointing at step {st.step} and exiting with {EXIT_PREEMPTED} (retryable)"
             )
-            self.save()
+            if self._saved_step != st.step:  # the grace period is short: never write the same step twice
+                self.save()
             self.logger.close()
             raise SystemExit(EXIT_PREEMPTED)
         return done or st.stopped_early
@@ -299,10 +321,14 @@ class Session:
 
     def _after_eval(self, metrics: dict[str, Any]) -> None:
         es = self.cfg.algorithm.early_stopping
+        sched = self.cfg.algorithm.scheduler
+        if not es.metric and sched.type != "plateau":
+            return
         name = es.metric or "eval/reward"
         if name not in metrics:
-            raise UserError("algorithm.early_stopping.metric", f"{name!r} is not an eval metric; have "
-                            f"{sorted(k for k in metrics if k.startswith('eval/'))}")  # fmt: skip
+            self.logger.info(f"warning: eval produced no {name!r} this time (have "
+                             f"{sorted(k for k in metrics if k.startswith('eval/'))}); early stopping skips it")  # fmt: skip
+            return
         value = metrics[name]
         st = self.state
         better = st.best_metric is None or (
@@ -312,7 +338,6 @@ class Session:
             st.best_metric, st.evals_without_improvement = value, 0
             return
         st.evals_without_improvement += 1
-        sched = self.cfg.algorithm.scheduler
         if sched.type == "plateau" and st.evals_without_improvement % sched.plateau_patience == 0:
             st.lr_scale *= sched.plateau_factor
         if es.metric and st.evals_without_improvement >= es.patience:

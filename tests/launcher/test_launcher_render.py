@@ -289,3 +289,64 @@ def test_checks_catch_what_the_cluster_would() -> None:
     bad.job["spec"]["runPolicy"]["cleanPolicy"] = "None"
     crd = checks.crd_problems(bad.job)
     assert any("nprocPerNode" in p for p in crd) and any("cleanPolicy" in p for p in crd)
+
+
+CACHE_ENV = ("HF_HOME", "HOME", "XDG_CACHE_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "MPLCONFIGDIR")
+
+
+def _writable_mounts(container: dict[str, Any]) -> set[str]:
+    return {m["mountPath"] for m in container["volumeMounts"] if not m.get("readOnly")}
+
+
+@pytest.mark.parametrize(
+    "config", [DATA / "sidecar.yaml", REPO / "configs" / "quickstart.yaml"], ids=["sidecar", "quickstart"]
+)
+def test_should_run_the_trainer_locked_down_with_a_read_only_root(config: Path) -> None:
+    _, rendered = _render(config)
+    for spec in _pods(rendered).values():
+        pod = spec["securityContext"]
+        assert pod["runAsNonRoot"] is True and pod["runAsUser"] > 0 and pod["runAsGroup"] > 0
+        assert pod["seccompProfile"] == {"type": "RuntimeDefault"}
+        assert spec["automountServiceAccountToken"] is False
+        (trainer,) = spec["containers"]
+        assert trainer["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "privileged": False,
+            "readOnlyRootFilesystem": True,
+            "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+        # Writable only where needed: output PVC, /tmp (scratch + kernel caches), /dev/shm, and /weights
+        # when there is a sidecar to hand weights to. The config volume stays read-only.
+        expected = {"/mnt/userloop", "/tmp", "/dev/shm"} | ({"/weights"} if "initContainers" in spec else set())
+        assert _writable_mounts(trainer) == expected
+        volumes = {v["name"]: v for v in spec["volumes"]}
+        assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "8Gi"}
+        # Every cache a library writes to lies on a writable mount, not on the read-only root.
+        env = {e["name"]: e.get("value") for e in trainer["env"]}
+        for name in CACHE_ENV:
+            assert any(env[name] == m or env[name].startswith(m + "/") for m in expected), (name, env[name])
+
+
+def test_should_keep_the_sidecar_locked_down_except_its_documented_writable_root() -> None:
+    _, rendered = _render(DATA / "sidecar.yaml")
+    for spec in _pods(rendered).values():
+        (sidecar,) = spec["initContainers"]
+        assert sidecar["securityContext"] == {
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "privileged": False,
+            "readOnlyRootFilesystem": False,  # the exception: SGLang JIT-compiles kernels and writes caches
+            "runAsNonRoot": True,
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+    # The exception is written down where operators look: the chart's values and the launcher docs.
+    assert "documented exception" in (REPO / "helm" / "userloop" / "values.yaml").read_text()
+    assert "SGLang sidecar keeps a writable root filesystem" in (REPO / "docs" / "launcher.md").read_text()
+
+
+def test_should_size_tmp_from_the_config() -> None:
+    _, rendered = _render(DATA / "sidecar.yaml", ["cluster.tmp_size=20Gi"])
+    volumes = {v["name"]: v for v in _pods(rendered)["Master"]["volumes"]}
+    assert volumes["tmp"]["emptyDir"]["sizeLimit"] == "20Gi"

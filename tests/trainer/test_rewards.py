@@ -27,6 +27,7 @@ BASE = {
         ("reasoning... \\boxed{42}", "42", "exact", 1.0),
         ("so, Answer: Paris\nmore", "paris", "exact", 1.0),
         ("anything", None, "exact", None),
+        ("Answer: ", "x", "exact", 0.0),  # an empty final answer is wrong, not a crash
     ],
 )
 def test_accuracy(completion: str, answer: str | None, match: str, expected: float | None) -> None:

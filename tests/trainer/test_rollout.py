@@ -236,3 +236,17 @@ def test_observation_tokens_follow_a_qwen3_style_template(tiny_model, finished: 
     ids = TurnTemplate(tok).observation_ids([{"role": "tool", "content": "About 500 dollars."}], finished)
     expected = "\n<|im_start|>user\n<tool_response>\nAbout 500 dollars.\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
     assert tok.decode(ids) == ("" if finished else "<|im_end|>") + expected
+
+
+def test_api_counters_continue_from_the_last_logged_step(sample, tiny_model) -> None:
+    cfg = make_cfg(sample, tiny_model)
+    tok = load_tokenizer(tiny_model)
+    user = ScriptedClient(lambda m: "ok", role="user_simulator")
+    runner = EpisodeRunner(cfg, ScriptedEngine(tok), tok, [], "unused", clients={"user_simulator": user})
+    try:
+        runner.restore_api_stats({"step": 7, "api/user_simulator/calls": 40.0, "api/user_simulator/cost": 1.5,
+                                  "api/user_simulator/latency_p50_s": 0.3, "api/calls": 40.0})  # fmt: skip
+    finally:
+        runner.close()
+    snap = user.stats.snapshot()
+    assert snap["api/calls"] == 40 and snap["api/cost"] == 1.5

@@ -199,3 +199,49 @@ def test_full_disk_stops_cleanly_and_keeps_earlier_checkpoints(make_config, monk
     root = checkpoint.checkpoints_dir(cfg.output_dir)
     assert sorted(p.name for p in root.iterdir()) == ["step_2"]
     assert checkpoint.latest(cfg.output_dir).name == "step_2"
+
+
+def test_grpo_starts_from_an_sft_lora_adapter(make_config, tmp_path) -> None:
+    """SFT (LoRA) then GRPO from its policy/: GRPO's starting point is the SFT model, not the base."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from trainer.model import load_policy
+
+    lora = {"enabled": True, "r": 4, "alpha": 8, "dropout": 0.0}
+    sft = load_config(make_config("sft-lora", algorithm__name="sft", algorithm__max_steps=10, algorithm__lr=1e-2,
+                                  model__lora=lora))  # fmt: skip
+    sft_policy = Path(api.train(sft).last_checkpoint) / "policy"
+    grpo = load_config(make_config("grpo-from-sft", model__path=str(sft_policy), model__lora=lora))
+    ids = torch.tensor([[5, 6, 7, 8]])
+    with torch.no_grad():
+        start = load_policy(grpo.model, torch.device("cpu")).eval()(ids).logits
+        base = AutoModelForCausalLM.from_pretrained(sft.model.path).eval()
+        base_logits = base(ids).logits
+        tuned = PeftModel.from_pretrained(base, sft_policy).eval()(ids).logits
+    assert torch.allclose(start, tuned, atol=1e-5)
+    assert not torch.allclose(start, base_logits, atol=1e-3)
+
+
+def test_resuming_an_older_checkpoint_sets_newer_ones_aside(make_config) -> None:
+    path = make_config(
+        "rollback", algorithm__max_steps=6, checkpoint__save_every_steps=2, checkpoint__keep_last=2
+    )
+    cfg = load_config(path)
+    api.train(cfg)
+    root = checkpoint.checkpoints_dir(cfg.output_dir)
+    resumed = load_config(path, [f"checkpoint.resume={root / 'step_4'}", "algorithm.max_steps=5"])
+    api.train(resumed)
+    assert checkpoint.latest(cfg.output_dir).name == "step_5"
+    assert [p.name.split("-")[0] for p in (root / "abandoned").iterdir()] == ["step_6"]
+    assert [r["step"] for r in _metrics(cfg)] == [1, 2, 3, 4, 5]
+
+
+def test_resume_refuses_a_checkpoint_of_another_algorithm(make_config) -> None:
+    from trainer.errors import UserError
+
+    path = make_config("switch", algorithm__name="sft", algorithm__max_steps=2)
+    api.train(load_config(path))
+    with pytest.raises(UserError, match="was written by a sft run; this config trains grpo"):
+        api.train(load_config(path, ["algorithm.name=grpo", "algorithm.max_steps=4"]))

@@ -38,14 +38,20 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
         raise ConfigError(
             str(path), ["file not found"], hint="check the path; example configs are in configs/"
         )
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        line = e.object[: e.start].count(b"\n") + 1
+        raise ConfigError(
+            str(path), [f"not UTF-8 text: byte 0x{e.object[e.start]:02x} on line {line}"],
+            hint="save the config as UTF-8",
+        ) from None  # fmt: skip
+    except OSError as e:
+        raise ConfigError(str(path), [f"cannot read the file: {e.strerror}"]) from None
     try:
         raw = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
-        problem = getattr(e, "problem", None) or str(e)
-        raise ConfigError(str(path), [f"invalid YAML: {where}{problem}"]) from None
+        raise ConfigError(str(path), [f"invalid YAML: {_yaml_problem(e)}"]) from None
     if raw is None:
         raise ConfigError(str(path), ["the file is empty"], hint="start from configs/quickstart.yaml")
     if not isinstance(raw, dict):
@@ -53,6 +59,18 @@ def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConf
             str(path), [f"expected a mapping of settings at the top level, got {type(raw).__name__}"]
         )
     return parse_config(raw, overrides, source=str(path))
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """PyYAML's problem with its line, plus where the construct it was parsing began: an unclosed
+    bracket is reported at the end of the file, and the opening line is the one to fix."""
+    mark = getattr(e, "problem_mark", None)
+    where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+    text = f"{where}{getattr(e, 'problem', None) or e}"
+    context, cmark = getattr(e, "context", None), getattr(e, "context_mark", None)
+    if context and cmark is not None and (mark is None or cmark.line != mark.line):
+        text += f" ({context} that starts on line {cmark.line + 1}, column {cmark.column + 1})"
+    return text
 
 
 def parse_config(
@@ -145,6 +163,10 @@ def _apply_override(raw: dict, item: str, source: str) -> None:
     key, sep, value = item.partition("=")
     if not sep or not key.strip():
         raise ConfigError(source, [f"--set {item!r}: expected dotted.key=value"])
+    if any(not part.strip() for part in key.split(".")):
+        raise ConfigError(
+            source, [f"--set {item!r}: {key.strip()!r} has an empty part; expected dotted.key=value"]
+        )
     try:
         parsed = yaml.safe_load(value) if value != "" else ""
     except yaml.YAMLError:
@@ -155,8 +177,14 @@ def _apply_override(raw: dict, item: str, source: str) -> None:
         if isinstance(node, list):
             node = _list_item(node, part, parts, source)
             continue
-        if not isinstance(node.get(part), (dict, list)):
+        if node.get(part) is None:
             node[part] = {}
+        elif not isinstance(node[part], (dict, list)):
+            # Replacing a value with a section would only surface later as a confusing type error.
+            done = ".".join(parts[: parts.index(part) + 1])
+            raise ConfigError(
+                source, [f"--set {key.strip()}: {done} is a value ({node[part]!r}), not a section with keys"]
+            )
         node = node[part]
     last = parts[-1]
     if isinstance(node, list):
@@ -205,6 +233,10 @@ def _expand_templates(cfg: RunConfig, source: str) -> RunConfig:
 # ----------------------------------------------------------------------------- error messages
 
 
+# Unknown keys with these names are secrets written inline (`cluster.api_key: sk-...`).
+_SECRET_KEYS = frozenset({"api_key", "apikey", "api_token", "token", "secret", "password", "access_token"})
+
+
 def _dotted(loc: tuple) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
@@ -218,7 +250,15 @@ def _describe(err: dict) -> str:
         guess = difflib.get_close_matches(str(key), allowed, n=1, cutoff=0.6)
         did_you_mean = f" (did you mean {guess[0]!r}?)" if guess else ""
         where = _field_path(parent)
-        return f"{where + '.' if where else ''}{key}: unknown key{did_you_mean}; allowed here: {', '.join(sorted(allowed))}"
+        dotted = f"{where + '.' if where else ''}{key}"
+        if str(key).lower() in _SECRET_KEYS:
+            # Configs are copied into checkpoints, ConfigMaps and logs: say why, not just "unknown".
+            return (
+                f"{dotted}: unknown key; secrets must not be written in the config (it is saved in checkpoints, "
+                "ConfigMaps and logs): put an API key in an environment variable named by api_key_env, and on "
+                "Kubernetes in the Secret named by cluster.api_key_secret"
+            )
+        return f"{dotted}: unknown key{did_you_mean}; allowed here: {', '.join(sorted(allowed))}"
     path = _field_path(loc)
     msg = err["msg"]
     if etype == "missing":
@@ -233,6 +273,9 @@ def _describe(err: dict) -> str:
         return f"{path}: each entry needs a `type`"
     value = err.get("input")
     shown = repr(value) if not isinstance(value, (dict, list)) else type(value).__name__
+    if etype in ("model_type", "model_attributes_type", "dict_type"):
+        # pydantic says "a valid dictionary or instance of DatasetConfig": the class name means nothing here.
+        return f"{path}: {shown}: expected a section (a mapping of settings, e.g. `{path.rsplit('.', 1)[-1]}: {{...}}`)"
     return f"{path}: {shown}: {msg}"
 
 

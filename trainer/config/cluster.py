@@ -260,6 +260,12 @@ class ClusterConfig(Section):
         description="Size of the in-memory volume at /weights shared by trainer and sidecar: the trainer writes new "
         "weights or LoRA adapters there and the sidecar loads them (the two hold disjoint GPUs, so no CUDA IPC).",
     )
+    tmp_size: str = Field(
+        "8Gi",
+        description="Size of the trainer's /tmp volume (an emptyDir): its root filesystem is read-only, so scratch "
+        "files and the triton / torchinductor / matplotlib caches go there. Counts against the node's ephemeral "
+        "storage.",
+    )
     sglang: SglangSidecarConfig = Field(
         default_factory=SglangSidecarConfig, description="SGLang sidecar settings."
     )
@@ -346,7 +352,7 @@ class ClusterConfig(Section):
     def _pinned(cls, v: str) -> str:
         return pinned_image(v)
 
-    @field_validator("shm_size", "weights_size", mode="before")
+    @field_validator("shm_size", "weights_size", "tmp_size", mode="before")
     @classmethod
     def _quantity(cls, v: str | int | float) -> str:
         return quantity(v)

@@ -141,6 +141,13 @@ class DatasetConfig(Section):
         description="Map of our names (`prompt`, `messages`, `response`, `answer`) to the file's columns, e.g. "
         "`{prompt: input, response: output}`. Unmapped names are looked up under common column names.",
     )
+    skip_bad_lines: bool = Field(
+        False,
+        description="JSONL only. False: a line that is not valid UTF-8 JSON (or not a JSON object) stops the run, "
+        "naming its line number. True: such lines are skipped and counted, with one warning line "
+        "`data.<split>: skipped N broken lines in PATH (first at line L)`; a file with no good line is still "
+        "an error. Turn on for scraped or appended-to logs where a few torn lines are expected.",
+    )
 
 
 class DataConfig(Section):
@@ -324,6 +331,16 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
         env = self.environment
+        if self.algorithm.name == "grpo" and self.rollout.temperature == 0:
+            raise ValueError(
+                "rollout.temperature is 0 (greedy): every completion of a group would be the same and GRPO would "
+                "get no signal; use a temperature around 1.0 (evaluation uses rollout.eval_temperature)"
+            )
+        if self.algorithm.scheduler.type == "plateau" and not (self.eval.every_steps or self.eval.every_epochs):
+            raise ValueError(
+                "algorithm.scheduler.type is plateau, which lowers the LR when evaluations stop improving, but no "
+                "evaluation is scheduled: set eval.every_steps or eval.every_epochs"
+            )
         if self.algorithm.name == "grpo" and not self.rewards and env.name == "single_turn":
             raise ValueError("GRPO needs at least one entry in `rewards` (e.g. `- {type: accuracy}`)")
         if env.name != "single_turn" and self.user_simulator is None:

@@ -18,6 +18,10 @@ class HFEngine:
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch  # sequences per generate call; bounds activation memory
+        # Qwen3's generation config stops on <|im_end|> and <|endoftext|>; the tokenizer names only one.
+        configured = getattr(unwrap(model).generation_config, "eos_token_id", None)
+        configured = configured if isinstance(configured, list) else [configured]
+        self.stop_ids = sorted({tokenizer.eos_token_id, *(t for t in configured if t is not None)})
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]:
@@ -51,14 +55,15 @@ class HFEngine:
             top_p=None if greedy else params.top_p,
             top_k=params.top_k or None,
             pad_token_id=pad,
-            eos_token_id=tok.eos_token_id,
+            eos_token_id=self.stop_ids,
         )
         new = sampled[:, width:].tolist()  # one host copy for the whole batch
-        eos = tok.eos_token_id
+        stop = set(self.stop_ids)
         results = []
         for prompt, ids in zip(prompts, new, strict=True):
-            finished = eos in ids
-            ids = ids[: ids.index(eos) + 1] if finished else ids
+            end = next((i for i, t in enumerate(ids) if t in stop), None)
+            finished = end is not None
+            ids = ids[: end + 1] if finished else ids
             text = tok.decode(ids, skip_special_tokens=True)
             results.append(Completion(prompt_ids=prompt, completion_ids=ids, text=text, finished=finished))
         return results

@@ -64,14 +64,20 @@ Standard labels of a run's objects. User labels from the config are merged in bu
 {{- add (int .Values.trainer.gpus) (ternary (int .Values.sglang.gpus) 0 .Values.sglang.enabled) -}}
 {{- end -}}
 
-{{/* Restrictive container security context; both images run as the unprivileged user of docker/. */}}
+{{/*
+Restrictive container security context; both images run as the unprivileged user of docker/. Called with
+a dict: `readOnlyRootFilesystem` (bool) is the one setting the two containers differ in (see _pod.tpl).
+The pod sets seccomp too; repeating it here keeps each container safe if the pod context is overridden.
+*/}}
 {{- define "userloop.containerSecurityContext" -}}
 allowPrivilegeEscalation: false
 capabilities:
   drop: [ALL]
-# torch, triton and SGLang write caches under $HOME and /tmp: the root filesystem stays writable.
-readOnlyRootFilesystem: false
+privileged: false
+readOnlyRootFilesystem: {{ .readOnlyRootFilesystem }}
 runAsNonRoot: true
+seccompProfile:
+  type: RuntimeDefault
 {{- end -}}
 
 {{- define "userloop.resources" -}}

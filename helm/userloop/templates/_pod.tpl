@@ -97,8 +97,11 @@ spec:
         periodSeconds: 30
         timeoutSeconds: 10
         failureThreshold: 5
+      # The documented exception to a read-only root (values.yaml `sglang`, docs/launcher.md): SGLang,
+      # flashinfer and triton JIT-compile kernels and write caches in places that differ between releases
+      # (under $HOME, /tmp and some package directories), which cannot be listed for a pinned volume set.
       securityContext:
-        {{- include "userloop.containerSecurityContext" . | nindent 8 }}
+        {{- include "userloop.containerSecurityContext" (dict "readOnlyRootFilesystem" false) | nindent 8 }}
       volumeMounts:
         - name: dshm
           mountPath: /dev/shm
@@ -123,6 +126,18 @@ spec:
           value: "True"
         - name: HF_HOME
           value: {{ printf "%s/.cache/huggingface" .Values.pvc.mountPath }}
+        # The root filesystem is read-only: everything else that writes caches is pointed at the `tmp`
+        # emptyDir (per pod, lost on restart: kernels are recompiled, which is cheap next to a download).
+        - name: HOME
+          value: /tmp
+        - name: XDG_CACHE_HOME
+          value: /tmp/.cache
+        - name: TRITON_CACHE_DIR
+          value: /tmp/.cache/triton
+        - name: TORCHINDUCTOR_CACHE_DIR
+          value: /tmp/.cache/torchinductor
+        - name: MPLCONFIGDIR
+          value: /tmp/.cache/matplotlib
         {{- if .Values.sglang.enabled }}
         - name: USERLOOP_SGLANG_URL
           value: {{ printf "http://127.0.0.1:%d" (int .Values.sglang.port) }}
@@ -137,12 +152,15 @@ spec:
         {{- end }}
       resources:
         {{- include "userloop.resources" .Values.trainer | nindent 8 }}
+      # Read-only root: the trainer writes only to the PVC, /tmp, /dev/shm and /weights.
       securityContext:
-        {{- include "userloop.containerSecurityContext" . | nindent 8 }}
+        {{- include "userloop.containerSecurityContext" (dict "readOnlyRootFilesystem" true) | nindent 8 }}
       volumeMounts:
         - name: config
           mountPath: /etc/userloop
           readOnly: true
+        - name: tmp
+          mountPath: /tmp
         - name: dshm
           mountPath: /dev/shm
         {{- if .Values.sglang.enabled }}
@@ -155,6 +173,10 @@ spec:
     - name: config
       configMap:
         name: {{ include "userloop.configMapName" . }}
+    # The trainer's only scratch space besides the PVC (root is read-only): /tmp and the kernel caches.
+    - name: tmp
+      emptyDir:
+        sizeLimit: {{ .Values.tmpSize }}
     # NCCL and data loaders need more than the container runtime's 64 MiB default /dev/shm.
     - name: dshm
       emptyDir:
