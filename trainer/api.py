@@ -80,6 +80,12 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path, max_samples: int | None = N
     from trainer.prompts import check_chat_template, encode_prompt
     from trainer.rewards import build_rewards
 
+    if cfg.environment.name != "single_turn":
+        raise UserError(
+            f"environment.name: {cfg.environment.name}",
+            "`launcher eval` scores single-turn completions; multi-turn episodes are evaluated during training",
+            hint="set eval.every_epochs or eval.every_steps and read eval/reward in logs/metrics.jsonl",
+        )
     quiet_libraries()
     path = Path(checkpoint)
     policy_dir = path / "policy" if (path / "policy").is_dir() else path

@@ -110,7 +110,9 @@ def _read_parquet(path: Path, limit: int | None) -> list[dict[str, Any]]:
     try:
         table = pq.read_table(path)
     except Exception as e:  # pyarrow raises several types for files that are not Parquet
-        raise UserError(str(path), f"not a readable Parquet file: {e}") from None
+        # pyarrow repeats the path ("Could not open Parquet input source '<path>': ..."); it leads already.
+        detail = str(e).split(f"'{path}': ", 1)[-1]
+        raise UserError(str(path), f"not a readable Parquet file: {detail}") from None
     if limit is not None:
         table = table.slice(0, limit)
     return table.to_pylist()

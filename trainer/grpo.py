@@ -25,7 +25,7 @@ from trainer import checkpoint
 from trainer.config.schema import RunConfig
 from trainer.engines.base import SamplingParams
 from trainer.metrics import read_metrics
-from trainer.rollout import EpisodeRunner, Trajectory
+from trainer.rollout import EpisodeRunner, Trajectory, write_samples
 from trainer.session import Session, TrainResult
 
 
@@ -204,6 +204,8 @@ def train(cfg: RunConfig) -> TrainResult:
                      "time/generate_s": t_gen, "time/update_s": t_update}  # fmt: skip
             local.update(_summed(runner.step_metrics(trajectories), session.world))
             metrics = session.reduce_mean(local)
+            if session.is_main and not runner.single_turn:
+                write_samples(session.logger.logs / "episodes.jsonl", session.state.step + 1, trajectories)
             if session.end_step(metrics):
                 break
             if _should_stop(session, runner):

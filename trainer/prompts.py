@@ -110,9 +110,10 @@ class TurnTemplate:
         self.eos_id = tokenizer.eos_token_id
         self.eos_text = tokenizer.eos_token or ""
 
-    def observation_ids(self, observation: Sequence[dict], agent_finished: bool) -> list[int]:
-        """Tokens to append after an agent turn; ``agent_finished`` is False when it was cut at max_new_tokens
-        (the end token it never produced is then added here, as context)."""
+    def observation_ids(self, observation: Sequence[dict], completion_ids: Sequence[int]) -> list[int]:
+        """Tokens to append after an agent turn whose generated ids are ``completion_ids``. A turn that did not end
+        with the template's end token (cut at max_new_tokens, or stopped on another stop token such as Qwen3's
+        ``<|endoftext|>``) gets that end token here, as context: the next turn then sees a well-formed history."""
         tok = self.tokenizer
         dummy = [{"role": "user", "content": "?"}, {"role": "assistant", "content": self._MARK}, *observation]
         text = tok.apply_chat_template(dummy, tokenize=False, add_generation_prompt=True)
@@ -122,14 +123,10 @@ class TurnTemplate:
                             f"end token {self.eos_text!r}, so agent turns cannot be kept token for token",
                             hint="use a chat model whose template closes turns with its EOS token (e.g. Qwen3)")  # fmt: skip
         ids = tok(tail[len(self.eos_text) :], add_special_tokens=False)["input_ids"]
-        return ids if agent_finished else [self.eos_id, *ids]
+        return ids if completion_ids[-1:] == [self.eos_id] else [self.eos_id, *ids]
 
     def agent_text(self, completion_ids: list[int], finished: bool) -> str:
         """The agent's reply as text for the environment: special tokens kept (``<tool_call>`` may be one), the
-        end token dropped."""
-        ids = (
-            completion_ids[:-1]
-            if finished and completion_ids and completion_ids[-1] == self.eos_id
-            else completion_ids
-        )
+        stop token that ended it (``finished``) dropped."""
+        ids = completion_ids[:-1] if finished else completion_ids
         return self.tokenizer.decode(ids, skip_special_tokens=False)

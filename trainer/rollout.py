@@ -26,12 +26,14 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import json
 import queue
 import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from trainer.config.multiturn import LlmJudgeReward, UserSimulatorConfig
 from trainer.config.schema import RunConfig
@@ -45,6 +47,9 @@ from trainer.llm.types import Message
 from trainer.prompts import TurnTemplate, encode_chat
 from trainer.rewards import Reward, score
 from trainer.rewards_llm import LlmJudge
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 @dataclass
@@ -140,8 +145,16 @@ class GenerationBatcher:
 class EpisodeRunner:
     """The run's event loop, environment, user-simulator and judge clients, and episode bookkeeping."""
 
-    def __init__(self, cfg: RunConfig, engine: RolloutEngine, tokenizer, rewards: list[Reward], output_dir: str,
-                 seed: int = 0, clients: dict[str, LLMClient] | None = None):  # fmt: skip
+    def __init__(
+        self,
+        cfg: RunConfig,
+        engine: RolloutEngine,
+        tokenizer: PreTrainedTokenizerBase,
+        rewards: list[Reward],
+        output_dir: str,
+        seed: int = 0,
+        clients: dict[str, LLMClient] | None = None,
+    ):
         """``clients`` replaces the ``user_simulator`` / ``judge`` clients the config describes (tests)."""
         self._given = clients or {}
         self.cfg = cfg
@@ -264,7 +277,7 @@ class EpisodeRunner:
             step = await episode.step(text)
             if step.done or self.template is None:
                 break
-            context = self.template.observation_ids(step.observation, last.finished)
+            context = self.template.observation_ids(step.observation, last.completion_ids)
             ids += context
             mask += [0] * len(context)
             messages += step.observation
@@ -361,3 +374,14 @@ class EpisodeRunner:
             self.loop.run(_close(), timeout=30)
         finally:
             self.loop.close()
+
+
+def write_samples(path: str | Path, step: int, trajectories: Sequence[Trajectory], k: int = 2) -> None:
+    """Append ``k`` conversations of a step to ``path`` (``logs/episodes.jsonl``): what the agent asked, what the
+    simulated user answered, the reward or why the episode was invalid. Reading them is how a bad relay, a
+    confused user simulator or a reward bug shows up before the curves do."""
+    with Path(path).open("a", encoding="utf-8") as f:
+        for t in trajectories[:k]:
+            record = {"step": step, "reward": t.reward, "invalid": t.invalid, "turns": t.turns, "parts": t.parts,
+                      "messages": t.messages}  # fmt: skip
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")

@@ -252,6 +252,18 @@ class Session:
         t = self.accelerator.reduce(t, reduction="mean")
         return dict(zip(keys, t.tolist(), strict=True))
 
+    def loss_denominator(self, local_tokens: float) -> float:
+        """Divide a rank's summed token loss by this so the DDP-averaged gradient is the global token mean.
+
+        DDP averages gradients over ranks; dividing each rank's sum by its own token count would weigh the
+        tokens of a rank with short completions more. ``global_tokens / world`` makes every token count once.
+        """
+        if self.world == 1:
+            return max(local_tokens, 1.0)
+        t = torch.tensor([local_tokens], device=self.device, dtype=torch.float64)
+        total = float(self.accelerator.reduce(t, reduction="sum").item())
+        return max(total, 1.0) / self.world
+
     def end_step(self, metrics: dict[str, Any]) -> bool:
         """Advance the step and data position, log, evaluate and checkpoint; True when the run must stop."""
         st = self.state

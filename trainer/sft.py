@@ -43,7 +43,7 @@ def train(cfg: RunConfig) -> TrainResult:
     for rows in session.batches():
         batch = [examples[i] for i, _, _ in rows]
         ids, attn, mask = collate(batch, tok.pad_token_id, session.device)
-        n_tokens = float(mask.sum().clamp(min=1))
+        n_tokens = session.loss_denominator(float(mask.sum()))
         t0 = time.perf_counter()
         total = 0.0
         size = -(-len(batch) // cfg.algorithm.grad_accum)
@@ -55,7 +55,7 @@ def train(cfg: RunConfig) -> TrainResult:
             nll = F.cross_entropy(logits.float().transpose(1, 2), ids[i : i + size, 1:], reduction="none")
             loss = (nll * mask[i : i + size]).sum() / n_tokens
             session.backward(loss, sync=j == len(chunks) - 1)
-            total += float(loss.detach())
+            total += float(loss.detach()) * n_tokens / max(float(mask.sum()), 1.0)  # this rank's token mean
         grad_norm = session.optimizer_step()
         metrics = session.reduce_mean({
             "loss/sft": total,

@@ -291,7 +291,14 @@ def test_checks_catch_what_the_cluster_would() -> None:
     assert any("nprocPerNode" in p for p in crd) and any("cleanPolicy" in p for p in crd)
 
 
-CACHE_ENV = ("HF_HOME", "HOME", "XDG_CACHE_HOME", "TRITON_CACHE_DIR", "TORCHINDUCTOR_CACHE_DIR", "MPLCONFIGDIR")
+CACHE_ENV = (
+    "HF_HOME",
+    "HOME",
+    "XDG_CACHE_HOME",
+    "TRITON_CACHE_DIR",
+    "TORCHINDUCTOR_CACHE_DIR",
+    "MPLCONFIGDIR",
+)
 
 
 def _writable_mounts(container: dict[str, Any]) -> set[str]:
@@ -319,7 +326,9 @@ def test_should_run_the_trainer_locked_down_with_a_read_only_root(config: Path) 
         }
         # Writable only where needed: output PVC, /tmp (scratch + kernel caches), /dev/shm, and /weights
         # when there is a sidecar to hand weights to. The config volume stays read-only.
-        expected = {"/mnt/userloop", "/tmp", "/dev/shm"} | ({"/weights"} if "initContainers" in spec else set())
+        expected = {"/mnt/userloop", "/tmp", "/dev/shm"} | (
+            {"/weights"} if "initContainers" in spec else set()
+        )
         assert _writable_mounts(trainer) == expected
         volumes = {v["name"]: v for v in spec["volumes"]}
         assert volumes["tmp"]["emptyDir"] == {"sizeLimit": "8Gi"}

@@ -10,9 +10,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
+
 from trainer import api
 from trainer.config import load_config
 from trainer.envs.intentiongym_sample import write_sample
+from trainer.errors import UserError
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -59,5 +62,14 @@ def test_intentiongym_with_local_user_and_rule_judge(tmp_path: Path, tiny_model:
         assert "api/user_simulator/calls" in r and "reward/intentiongym" in r
     assert rows[-1]["eval/samples"] == 2 and "eval/reward" in rows[-1]
     assert (tmp_path / "run" / "checkpoints" / "step_2" / "policy").is_dir()
+    samples = [
+        json.loads(line) for line in (tmp_path / "run" / "logs" / "episodes.jsonl").read_text().splitlines()
+    ]
+    assert [s["step"] for s in samples] == [1, 1, 2, 2]  # two conversations per step, to read
+    assert [m["role"] for m in samples[0]["messages"][:3]] == ["system", "user", "assistant"]
     log = (tmp_path / "run" / "logs" / "train.log").read_text()
     assert "step 2/2" in log and "invalid 0" in log
+    with pytest.raises(UserError, match="multi-turn episodes are evaluated during training"):
+        api.evaluate(
+            cfg, tmp_path / "run" / "checkpoints" / "step_2"
+        )  # `launcher eval` would score single turns

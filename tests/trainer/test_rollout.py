@@ -233,7 +233,9 @@ def test_observation_tokens_follow_a_qwen3_style_template(tiny_model, finished: 
 
     tok = load_tokenizer(tiny_model)
     tok.chat_template = QWEN3_LIKE
-    ids = TurnTemplate(tok).observation_ids([{"role": "tool", "content": "About 500 dollars."}], finished)
+    # A turn cut at max_new_tokens, or stopped on <|endoftext|>, did not close itself: the template's end is added.
+    agent = [5, 6, tok.eos_token_id] if finished else [5, 6, tok.pad_token_id]
+    ids = TurnTemplate(tok).observation_ids([{"role": "tool", "content": "About 500 dollars."}], agent)
     expected = "\n<|im_start|>user\n<tool_response>\nAbout 500 dollars.\n</tool_response><|im_end|>\n<|im_start|>assistant\n"
     assert tok.decode(ids) == ("" if finished else "<|im_end|>") + expected
 

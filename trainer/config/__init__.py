@@ -173,7 +173,7 @@ def _apply_override(raw: dict, item: str, source: str) -> None:
         parsed = value
     parts = key.strip().split(".")
     node: Any = raw
-    for part in parts[:-1]:
+    for depth, part in enumerate(parts[:-1]):
         if isinstance(node, list):
             node = _list_item(node, part, parts, source)
             continue
@@ -181,7 +181,7 @@ def _apply_override(raw: dict, item: str, source: str) -> None:
             node[part] = {}
         elif not isinstance(node[part], (dict, list)):
             # Replacing a value with a section would only surface later as a confusing type error.
-            done = ".".join(parts[: parts.index(part) + 1])
+            done = ".".join(parts[: depth + 1])
             raise ConfigError(
                 source, [f"--set {key.strip()}: {done} is a value ({node[part]!r}), not a section with keys"]
             )

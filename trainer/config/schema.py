@@ -75,9 +75,13 @@ class AlgorithmConfig(Section):
     name: Literal["sft", "grpo"] = Field(description="Training algorithm: `sft` or `grpo`.")
     lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
-    batch_size: int = Field(8, ge=1, description="Prompts (GRPO) or examples (SFT) per optimizer step, over all processes.")
+    batch_size: int = Field(
+        8, ge=1, description="Prompts (GRPO) or examples (SFT) per optimizer step, over all processes."
+    )
     group_size: int = Field(
-        8, ge=1, description="GRPO: completions sampled per prompt; advantages are normalised within each group."
+        8,
+        ge=1,
+        description="GRPO: completions sampled per prompt; advantages are normalised within each group.",
     )
     grad_accum: int = Field(
         1,
@@ -86,8 +90,12 @@ class AlgorithmConfig(Section):
         "passes to bound memory. Does not change the effective batch.",
     )
     epochs: int = Field(1, ge=1, description="Passes over the training set.")
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimizer steps (overrides `epochs`).")
-    max_grad_norm: float | None = Field(1.0, gt=0, description="Gradient clipping norm; null disables clipping.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (overrides `epochs`)."
+    )
+    max_grad_norm: float | None = Field(
+        1.0, gt=0, description="Gradient clipping norm; null disables clipping."
+    )
     clip_range: float = Field(0.2, gt=0, description="GRPO: PPO-style ratio clip epsilon.")
     updates_per_batch: int = Field(
         1,
@@ -104,7 +112,9 @@ class AlgorithmConfig(Section):
     entropy_coef: float = Field(0.0, ge=0, description="GRPO: weight of the entropy bonus.")
     seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="LR schedule.")
-    early_stopping: EarlyStoppingConfig = Field(default_factory=EarlyStoppingConfig, description="Early stopping.")
+    early_stopping: EarlyStoppingConfig = Field(
+        default_factory=EarlyStoppingConfig, description="Early stopping."
+    )
 
     @model_validator(mode="after")
     def _grpo_needs_a_group(self) -> AlgorithmConfig:
@@ -152,13 +162,20 @@ class DatasetConfig(Section):
 
 class DataConfig(Section):
     train: DatasetConfig = Field(description="Training set.")
-    val: DatasetConfig | None = Field(None, description="Validation set (eval, early stopping, `launcher eval`).")
+    val: DatasetConfig | None = Field(
+        None, description="Validation set (eval, early stopping, `launcher eval`)."
+    )
     max_samples: int | None = Field(None, ge=1, description="Use only the first N rows of each set.")
-    generate: GenerateDataConfig | None = Field(None, description="Generate a synthetic dataset when files are missing.")
+    generate: GenerateDataConfig | None = Field(
+        None, description="Generate a synthetic dataset when files are missing."
+    )
     system_prompt: str | None = Field(None, description="System message prepended to every prompt.")
-    max_prompt_tokens: int = Field(1024, ge=1, description="Prompts longer than this (in tokens) are an error.")
+    max_prompt_tokens: int = Field(
+        1024, ge=1, description="Prompts longer than this (in tokens) are an error."
+    )
     use_chat_template: bool = Field(
-        True, description="Render prompts with the tokenizer's chat template; false joins message contents raw."
+        True,
+        description="Render prompts with the tokenizer's chat template; false joins message contents raw.",
     )
 
 
@@ -190,8 +207,12 @@ class LengthPenaltyReward(RewardBase):
     type: Literal["length_penalty"]
     penalty_scale: float = Field(1.0, ge=0, description="Penalty reached at `outer_ratio`.")
     max_penalty: float = Field(1.0, ge=0, description="Largest penalty (the curve is clipped here).")
-    peak_ratio: float = Field(0.3, ge=0, le=1, description="Length ratio (tokens / max_new_tokens) up to which there is no penalty.")
-    outer_ratio: float = Field(0.5, gt=0, le=1, description="Length ratio where the penalty reaches `penalty_scale`.")
+    peak_ratio: float = Field(
+        0.3, ge=0, le=1, description="Length ratio (tokens / max_new_tokens) up to which there is no penalty."
+    )
+    outer_ratio: float = Field(
+        0.5, gt=0, le=1, description="Length ratio where the penalty reaches `penalty_scale`."
+    )
 
     @model_validator(mode="after")
     def _ordered(self) -> LengthPenaltyReward:
@@ -204,7 +225,9 @@ class LengthPenaltyReward(RewardBase):
 
 class StepReward(RewardBase):
     type: Literal["step"]
-    step_bonus: float = Field(0.1, description="Bonus per reasoning step (a line starting with `Step N`, `N.` or `-`).")
+    step_bonus: float = Field(
+        0.1, description="Bonus per reasoning step (a line starting with `Step N`, `N.` or `-`)."
+    )
     max_steps: int = Field(10, ge=1, description="Steps beyond this earn nothing.")
 
 
@@ -288,8 +311,12 @@ class WandbConfig(Section):
 
 
 class LoggingConfig(Section):
-    every_steps: int = Field(1, ge=1, description="Print a step line every N steps (metrics.jsonl gets every step).")
-    wandb: WandbConfig | None = Field(None, description="Log to Weights & Biases (needs `pip install wandb`).")
+    every_steps: int = Field(
+        1, ge=1, description="Print a step line every N steps (metrics.jsonl gets every step)."
+    )
+    wandb: WandbConfig | None = Field(
+        None, description="Log to Weights & Biases (needs `pip install wandb`)."
+    )
     plots: bool = Field(True, description="Write plots/*.png at the end of training.")
 
 
@@ -302,12 +329,18 @@ class RunConfig(Section):
         max_length=40,
         description="Run name: lowercase letters, digits and '-' (it names Kubernetes objects too).",
     )
-    output_dir: str = Field("runs/{name}", description="Where checkpoints, logs and plots go; `{name}` is replaced.")
+    output_dir: str = Field(
+        "runs/{name}", description="Where checkpoints, logs and plots go; `{name}` is replaced."
+    )
     model: ModelConfig = Field(description="Policy model.")
     algorithm: AlgorithmConfig = Field(description="Algorithm and optimisation.")
     data: DataConfig = Field(description="Datasets.")
-    rollout: RolloutConfig = Field(default_factory=RolloutConfig, description="Generation settings (GRPO, eval).")
-    rewards: list[RewardConfig] = Field(default_factory=list, description="Rewards summed with their weights (GRPO, eval).")
+    rollout: RolloutConfig = Field(
+        default_factory=RolloutConfig, description="Generation settings (GRPO, eval)."
+    )
+    rewards: list[RewardConfig] = Field(
+        default_factory=list, description="Rewards summed with their weights (GRPO, eval)."
+    )
     environment: EnvironmentConfig = Field(
         default_factory=EnvironmentConfig,
         description="Where episodes run (GRPO): `single_turn` (one reply per prompt) or a multi-turn environment.",
@@ -320,9 +353,13 @@ class RunConfig(Section):
         description="The LLM that judges: IntentionGym's coverage judge (`environment.judge_backend: api`) and "
         "`llm_judge` rewards.",
     )
-    checkpoint: CheckpointConfig = Field(default_factory=CheckpointConfig, description="Checkpointing and resume.")
+    checkpoint: CheckpointConfig = Field(
+        default_factory=CheckpointConfig, description="Checkpointing and resume."
+    )
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Periodic evaluation.")
-    logging: LoggingConfig = Field(default_factory=LoggingConfig, description="Step lines, metrics, plots, wandb.")
+    logging: LoggingConfig = Field(
+        default_factory=LoggingConfig, description="Step lines, metrics, plots, wandb."
+    )
     cluster: ClusterConfig = Field(
         default_factory=ClusterConfig,
         description="How `launcher submit` runs this config on Kubernetes (a Kubeflow PyTorchJob); ignored by local runs.",
@@ -336,7 +373,9 @@ class RunConfig(Section):
                 "rollout.temperature is 0 (greedy): every completion of a group would be the same and GRPO would "
                 "get no signal; use a temperature around 1.0 (evaluation uses rollout.eval_temperature)"
             )
-        if self.algorithm.scheduler.type == "plateau" and not (self.eval.every_steps or self.eval.every_epochs):
+        if self.algorithm.scheduler.type == "plateau" and not (
+            self.eval.every_steps or self.eval.every_epochs
+        ):
             raise ValueError(
                 "algorithm.scheduler.type is plateau, which lowers the LR when evaluations stop improving, but no "
                 "evaluation is scheduled: set eval.every_steps or eval.every_epochs"

@@ -1,0 +1,283 @@
+"""Checkpoint I/O: ``trainer.checkpoint.save`` and ``from_pretrained`` against the disk's raw bandwidth.
+
+A random-initialised model with Qwen3-0.6B's dimensions (built from ``Qwen3Config`` on the meta device
+and filled with normal noise, bf16; no download) is saved with ``trainer.checkpoint.save`` (what
+``Session.save`` calls: ``save_pretrained`` as safetensors, the tokenizer, ``training_state.pt``, a
+SHA-256 manifest, fsync of every file, atomic rename, pruning to ``keep_last``) and loaded back with
+``AutoModelForCausalLM.from_pretrained(dtype=bfloat16)`` (what ``trainer.model`` calls). In the same
+run, alternating with them (A B A B ...), a raw sequential write of as many bytes (16 MiB blocks, then
+fsync) and a raw sequential read of that file give the disk's bandwidth.
+
+Page cache: dropping it needs root, so every file is evicted with ``posix_fadvise(POSIX_FADV_DONTNEED)``
+after it was written and fsynced (clean pages are dropped for the calling user too) before a "cold"
+read; "warm" loads read the page cache. On a virtual disk the host may still cache below the guest.
+
+Blocking: ``Session.save`` runs on the training thread, so a step waits for the whole save. The
+overlapped target would wait only for a snapshot of the weights in host memory (measured: a clone of
+the state dict) and write in the background.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from benchmarks.common import fmt, interleave, load_average, machine, median, utc_now, versions
+
+HEADING = "## Checkpoint I/O"
+BLOCK = 16 << 20
+
+
+@dataclass(frozen=True)
+class CkptSettings:
+    # Qwen3-0.6B's dimensions (its config.json)
+    vocab_size: int = 151936
+    hidden_size: int = 1024
+    intermediate_size: int = 3072
+    layers: int = 28
+    heads: int = 16
+    kv_heads: int = 8
+    head_dim: int = 128
+    rounds: int = 3
+    label: str = "Qwen3-0.6B-sized"
+
+
+FULL = CkptSettings()
+QUICK = CkptSettings(vocab_size=4096, hidden_size=128, intermediate_size=256, layers=2, heads=4, kv_heads=2,
+                     head_dim=32, rounds=1, label="tiny (quick setting)")  # fmt: skip
+
+
+def build_model(s: CkptSettings):
+    import torch
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
+                         num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+                         head_dim=s.head_dim, max_position_embeddings=40960, rope_theta=1_000_000, rms_norm_eps=1e-6,
+                         tie_word_embeddings=True, dtype="bfloat16")  # fmt: skip
+    default = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device("meta"):
+            model = Qwen3ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(default)
+    model.to_empty(device="cpu")
+    gen = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.02, generator=gen)
+        for b in model.buffers():  # rotary inv_freq: not saved; no uninitialised memory either
+            b.zero_()
+    model.tie_weights()
+    return model
+
+
+def _evict(path: Path) -> None:
+    """Drop ``path``'s (clean) pages from the page cache; no privileges needed."""
+    files = [path] if path.is_file() else [p for p in path.rglob("*") if p.is_file()]
+    for f in files:
+        fd = os.open(f, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+def raw_write(path: Path, nbytes: int) -> float:
+    block = os.urandom(BLOCK)
+    t0 = time.perf_counter()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+    try:
+        left = nbytes
+        while left > 0:
+            left -= os.write(fd, block[: min(BLOCK, left)])
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dt = time.perf_counter() - t0
+    _evict(path)
+    return dt
+
+
+def raw_read(path: Path) -> float:
+    _evict(path)
+    buf = bytearray(BLOCK)
+    t0 = time.perf_counter()
+    with path.open("rb", buffering=0) as f:
+        while f.readinto(buf):
+            pass
+    return time.perf_counter() - t0
+
+
+def _size(path: Path) -> int:
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+class PhaseTimer:
+    """Wraps ``trainer.checkpoint``'s phases to time them (the module itself is unchanged)."""
+
+    def __init__(self, model) -> None:
+        from trainer import checkpoint
+
+        self.times: dict[str, float] = {}
+        self._ck = checkpoint
+        self._orig = {"_write_manifest": checkpoint._write_manifest, "_fsync_tree": checkpoint._fsync_tree}
+        self._model = model
+        self._save_pretrained = model.save_pretrained
+
+    def _wrap(self, name: str, fn):
+        def timed(*a, **k):
+            t0 = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - t0
+
+        return timed
+
+    def __enter__(self) -> PhaseTimer:
+        self._ck._write_manifest = self._wrap("manifest (SHA-256)", self._orig["_write_manifest"])
+        self._ck._fsync_tree = self._wrap("fsync", self._orig["_fsync_tree"])
+        self._model.save_pretrained = self._wrap("save_pretrained", self._save_pretrained)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._ck._write_manifest = self._orig["_write_manifest"]
+        self._ck._fsync_tree = self._orig["_fsync_tree"]
+        del self._model.save_pretrained
+
+
+def bench(s: CkptSettings, threads: int, directory: str | None = None, log=print) -> dict:
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from trainer import checkpoint
+    from trainer.model import quiet_libraries
+    from trainer.tiny import build_tokenizer
+
+    quiet_libraries()
+    torch.set_num_threads(threads)
+    work = Path(tempfile.mkdtemp(prefix="userloop-bench-ckpt-", dir=directory))
+    try:
+        t0 = time.perf_counter()
+        model = build_model(s)
+        n_params = sum(p.numel() for p in model.parameters())
+        log(f"ckpt: built {n_params:,} parameters in {time.perf_counter() - t0:.1f} s")
+        tokenizer = build_tokenizer()
+        state = {"state": {"step": 0}, "rng": [{"torch": torch.get_rng_state()}]}
+        out = work / "run"
+        raw = work / "raw.bin"
+        phases: list[dict[str, float]] = []
+        saved: list[Path] = []
+
+        def save(r: int) -> float:
+            with PhaseTimer(model) as pt:
+                t = time.perf_counter()
+                path = checkpoint.save(out, r + 1, model, tokenizer, state, "name: bench\n", keep_last=1)
+                dt = time.perf_counter() - t
+            phases.append(pt.times)
+            saved.append(path)
+            _evict(path)
+            return dt
+
+        save(-1)  # warm-up: imports, safetensors' first use; step_0, pruned by the next save
+        weights = saved[-1] / "policy" / "model.safetensors"
+        nbytes = weights.stat().st_size
+        phases.clear()
+        writes = interleave({"save": save, "raw_write": lambda _: raw_write(raw, nbytes)}, s.rounds)
+        ckpt_bytes = _size(saved[-1])
+        policy = saved[-1] / "policy"
+
+        def load(cold: bool) -> float:
+            if cold:
+                _evict(saved[-1])
+            t = time.perf_counter()
+            loaded = AutoModelForCausalLM.from_pretrained(policy, dtype=torch.bfloat16)
+            dt = time.perf_counter() - t
+            del loaded
+            return dt
+
+        reads = interleave({"load_cold": lambda _: load(True), "raw_read": lambda _: raw_read(raw),
+                            "load_warm": lambda _: load(False)}, s.rounds)  # fmt: skip
+
+        def snapshot(_: int) -> float:
+            t = time.perf_counter()
+            copy = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            dt = time.perf_counter() - t
+            del copy
+            return dt
+
+        snap = interleave({"snapshot": snapshot}, s.rounds)["snapshot"]
+        phase_med = {k: median([p.get(k, 0.0) for p in phases]) for k in phases[0]} if phases else {}
+        res = {
+            "settings": asdict(s), "threads": threads, "parameters": n_params, "weights_bytes": nbytes,
+            "checkpoint_bytes": ckpt_bytes, "dir": str(work.parent),
+            "save_s": median(writes["save"]), "raw_write_s": median(writes["raw_write"]),
+            "load_cold_s": median(reads["load_cold"]), "load_warm_s": median(reads["load_warm"]),
+            "raw_read_s": median(reads["raw_read"]), "snapshot_s": median(snap), "phases": phase_med,
+            "all": {k: [round(x, 3) for x in v] for k, v in {**writes, **reads, "snapshot": snap}.items()},
+            "machine": machine(), "load": load_average(), "when": utc_now(),
+        }  # fmt: skip
+        log(f"ckpt: {res['all']}")
+        return res
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def section(res: dict, command_line: str) -> str:
+    s = res["settings"]
+    mb = res["weights_bytes"] / 1e6
+    mbps = lambda nbytes, sec: nbytes / 1e6 / sec  # noqa: E731
+    w_raw, r_raw = (
+        mbps(res["weights_bytes"], res["raw_write_s"]),
+        mbps(res["weights_bytes"], res["raw_read_s"]),
+    )
+    save_bw = mbps(res["weights_bytes"], res["save_s"])
+    cold_bw, warm_bw = (
+        mbps(res["weights_bytes"], res["load_cold_s"]),
+        mbps(res["weights_bytes"], res["load_warm_s"]),
+    )
+    phases = ", ".join(f"{k} {v:.2f} s" for k, v in res["phases"].items())
+    lines = [
+        HEADING,
+        "",
+        f"Measured {res['when']} with `{command_line}` (load average at the end {res['load']}).",
+        f"Machine: {res['machine']}; files under `{res['dir']}`. {versions('torch', 'transformers', 'safetensors')}. "
+        f"`torch.set_num_threads({res['threads']})`.",
+        "",
+        f"Model: {s['label']} Qwen3 (`Qwen3Config`: vocab {s['vocab_size']}, hidden {s['hidden_size']}, "
+        f"intermediate {s['intermediate_size']}, {s['layers']} layers, {s['heads']}/{s['kv_heads']} heads, head_dim "
+        f"{s['head_dim']}, tied embeddings), random normal weights, bf16: {res['parameters']:,} parameters, "
+        f"model.safetensors {mb:,.0f} MB (checkpoint directory {res['checkpoint_bytes'] / 1e6:,.0f} MB). Save: "
+        "`trainer.checkpoint.save` (safetensors + tokenizer + a small training_state.pt + SHA-256 manifest + fsync "
+        "+ atomic rename + pruning to keep_last=1; no optimizer state: a full fine-tuning checkpoint adds AdamW's "
+        "two fp32 moments, 4x the bf16 weights, through `torch.save`). Load: `AutoModelForCausalLM.from_pretrained"
+        "(dtype=bfloat16)`. Raw: sequential 16 MiB writes of as many bytes as model.safetensors, then fsync; "
+        "sequential 16 MiB reads. Cold reads: every file evicted from the page cache with `posix_fadvise(DONTNEED)` "
+        "first (dropping the whole cache needs root; the virtual disk's host may still cache). "
+        f"{s['rounds']} interleaved rounds (save, raw write, ...; cold load, raw read, warm load, ...), medians. "
+        "Bandwidths are model.safetensors bytes over the time. Target: >= 0.5 of raw.",
+        "",
+        "| operation | time (s) | MB/s | vs raw |",
+        "|---|---:|---:|---:|",
+        f"| raw sequential write + fsync | {res['raw_write_s']:.2f} | {w_raw:.0f} | 1.00 |",
+        f"| `checkpoint.save` | {res['save_s']:.2f} | {save_bw:.0f} | {fmt(save_bw / w_raw)} |",
+        f"| raw sequential read (cold) | {res['raw_read_s']:.2f} | {r_raw:.0f} | 1.00 |",
+        f"| `from_pretrained` (cold) | {res['load_cold_s']:.2f} | {cold_bw:.0f} | {fmt(cold_bw / r_raw)} |",
+        f"| `from_pretrained` (warm page cache) | {res['load_warm_s']:.2f} | {warm_bw:.0f} | {fmt(warm_bw / r_raw)} |",
+        "",
+        f"Save phases (median): {phases}; the rest is the tokenizer, training_state.pt, rename and pruning.",
+        "",
+        f"Step blocked by a save: **{res['save_s']:.2f} s** today (`Session.save` is synchronous on the training "
+        f"thread: the whole save above, plus the optimizer state in a real run). Overlapped target: the step waits "
+        f"only for a snapshot of the weights in host memory, {res['snapshot_s']:.2f} s here (state-dict clone), "
+        f"and the write runs in the background; gap {res['save_s'] - res['snapshot_s']:.2f} s per save.",
+        "",
+        f"Per-round times (s): {res['all']}.",
+    ]
+    return "\n".join(lines) + "\n"

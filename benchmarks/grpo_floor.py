@@ -1,0 +1,88 @@
+"""The floor of a GRPO step: one batched ``generate`` and one forward/backward + AdamW step, nothing else.
+
+No rewards, no advantages from data (a fixed random sign per sequence stands in), no logging, no metrics:
+what any GRPO trainer must at least do per step on the same model, prompts and shapes. Run as its own
+process by ``benchmarks.grpo_step`` so its whole-process time (imports and model load included) compares
+with ``launcher run`` and TRL's::
+
+    python -m benchmarks.grpo_floor --model DIR --data train.jsonl --batch 8 --group 8 --max-new 16 \
+        --lr 1e-5 --steps 10 [--lora] --out result.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+T_START = time.perf_counter()  # before torch is imported: the process's own start-up counts
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", required=True)
+    ap.add_argument("--data", required=True)
+    ap.add_argument("--batch", type=int, required=True, help="prompts per step")
+    ap.add_argument("--group", type=int, required=True, help="completions per prompt")
+    ap.add_argument("--max-new", type=int, required=True)
+    ap.add_argument("--lr", type=float, required=True)
+    ap.add_argument("--steps", type=int, required=True)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--lora", action="store_true")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", required=True)
+    args = ap.parse_args(argv)
+
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from benchmarks.grpo_settings import LORA
+
+    torch.manual_seed(args.seed)
+    tok = AutoTokenizer.from_pretrained(args.model)
+    tok.padding_side = "left"
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    if args.lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(task_type="CAUSAL_LM", **LORA))
+    model.train()
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, weight_decay=0.0)
+    with open(args.data, encoding="utf-8") as f:
+        prompts = [json.loads(line)["prompt"] for line in f]
+    eos = tok.eos_token_id
+    step_s, tokens = [], []
+    for step in range(args.steps):
+        t0 = time.perf_counter()
+        rows = [prompts[(step * args.batch + i) % len(prompts)] for i in range(args.batch)]
+        enc = tok([p for p in rows for _ in range(args.group)], return_tensors="pt", padding=True,
+                  add_special_tokens=False)  # fmt: skip
+        width = enc.input_ids.shape[1]
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=args.max_new, do_sample=True, temperature=args.temperature,
+                                 top_p=None, top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=eos)  # fmt: skip
+        completion = out[:, width:]
+        # Tokens up to and including the first EOS are trained; later ones are padding.
+        after_eos = (completion == eos).long().cumsum(1) - (completion == eos).long()
+        mask = torch.cat([torch.zeros_like(enc.input_ids), (after_eos == 0).long()], 1)
+        attn = torch.cat([enc.attention_mask, mask[:, width:]], 1)
+        adv = torch.randn(out.shape[0]).sign()
+        logits = model(input_ids=out, attention_mask=attn).logits[:, :-1].float()
+        logp = F.log_softmax(logits / args.temperature, -1).gather(-1, out[:, 1:].unsqueeze(-1)).squeeze(-1)
+        target = mask[:, 1:].float()
+        n = target.sum().clamp(min=1)
+        loss = -(torch.exp(logp - logp.detach()) * adv[:, None] * target).sum() / n
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        step_s.append(time.perf_counter() - t0)
+        tokens.append(int(target.sum()))
+    result = {"step_s": step_s, "tokens": tokens, "completions": args.batch * args.group,
+              "in_process_s": time.perf_counter() - T_START}  # fmt: skip
+    with open(args.out, "w", encoding="utf-8") as f:
+        json.dump(result, f)
+
+
+if __name__ == "__main__":
+    main()
