@@ -21,7 +21,6 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from trainer import checkpoint
 from trainer.config.schema import RunConfig
 from trainer.engines.base import SamplingParams
 from trainer.metrics import read_metrics
@@ -221,11 +220,14 @@ def _prepare(session: Session, runner: EpisodeRunner) -> None:
     runner.check_rows(session.train_rows, "train", cfg.data.train.path)
     if cfg.data.val is not None:
         runner.check_rows(session.val_rows, "val", cfg.data.val.path)
+    runner.share_budgets(session.world)
+    # Rank 0 truncates metrics.jsonl to the resumed step when its logger starts: read it after that.
+    session.accelerator.wait_for_everyone()
     if session.state.step and session.logger.metrics_path.exists():
-        runner.restore_api_stats(next(iter(read_metrics(session.logger.metrics_path)[-1:]), None))
+        last = next(iter(read_metrics(session.logger.metrics_path)[-1:]), None)
+        runner.restore_api_stats(last, session.world)
     if not runner.single_turn:
-        # Multi-turn evaluation plays episodes; Session.end_step calls session.evaluate().
-        session.evaluate = lambda: _evaluate_episodes(session, runner)  # type: ignore[method-assign]
+        session.evaluator = lambda: _evaluate_episodes(session, runner)  # evaluation plays episodes too
 
 
 def _evaluate_episodes(session: Session, runner: EpisodeRunner) -> dict[str, float]:
@@ -279,12 +281,7 @@ def _should_stop(session: Session, runner: EpisodeRunner) -> bool:
     flags = session.reduce_mean({"invalid": float(reason == "invalid"), "budget": float(reason == "budget")})
     if not flags["invalid"] and not flags["budget"]:
         return False
-    latest = checkpoint.latest(session.output_dir, verify=False) if session.is_main else None
-    # Only rank 0 sees the checkpoints; every rank must agree, since saving is collective.
-    saved = session.reduce_mean(
-        {"saved": float(latest is not None and latest.name == f"step_{session.state.step}")}
-    )
-    if not saved["saved"]:
+    if session.saved_step != session.state.step:  # the same on every rank: save() is a collective
         session.save()
     if flags["invalid"]:
         error = runner.invalid_error()

@@ -212,15 +212,26 @@ class EpisodeRunner:
         if check is not None:
             check(rows, source)
 
-    def restore_api_stats(self, last_metrics: dict[str, Any] | None) -> None:
-        """Continue the cumulative API counters (and the budget) of a resumed run from its last logged step."""
+    def share_budgets(self, world: int) -> None:
+        """Each of ``world`` processes spends its share: episodes are split evenly, so is the money."""
+        for client in self.clients:
+            if client.stats.budget is not None:
+                client.stats.budget /= world
+
+    def restore_api_stats(self, last_metrics: dict[str, Any] | None, world: int = 1) -> None:
+        """Continue the cumulative API counters (and the budget) of a resumed run from its last logged step.
+
+        The logged counters are totals over processes; each process takes back its ``1/world`` share so the
+        totals stay right (and the budget is not spent ``world`` times).
+        """
         if not last_metrics:
             return
         for client in self.clients:
             prefix = f"api/{client.stats.name}/"
-            counts = {k[len(prefix) :]: int(v) for k, v in last_metrics.items()
+            counts = {k[len(prefix) :]: round(v / world) for k, v in last_metrics.items()
                       if k.startswith(prefix) and "latency" not in k and k != prefix + "cost" and v is not None}  # fmt: skip
-            client.stats.load_state_dict({"counts": counts, "cost": last_metrics.get(prefix + "cost") or 0.0})
+            cost = (last_metrics.get(prefix + "cost") or 0.0) / world
+            client.stats.load_state_dict({"counts": counts, "cost": cost})
 
     # ------------------------------------------------------------------ rollouts
 

@@ -21,6 +21,7 @@ import math
 import random
 import signal
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,9 @@ class Session:
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
         self._preempted = False
-        self._saved_step = -1
+        self.saved_step = -1  # step of the last checkpoint this process took part in (same on every rank)
+        # Algorithms whose evaluation is not single-turn generation (multi-turn episodes) set their own.
+        self.evaluator: Callable[[], dict[str, float]] | None = None
 
     # ------------------------------------------------------------------ setup
 
@@ -183,7 +186,7 @@ class Session:
             saved = checkpoint.load_state(self.resume_from)
             self.optimizer.load_state_dict(saved["optimizer"])
             self.state = TrainState(**saved["state"])
-            self._saved_step = self.state.step  # that step is on disk already
+            self.saved_step = self.state.step  # that step is on disk already
             rng = saved["rng"][self.rank] if self.rank < len(saved["rng"]) else None
             if rng is not None:
                 _set_rng_state(rng)
@@ -305,7 +308,7 @@ class Session:
             self.logger.info(
                 f"SIGTERM: checkpointing at step {st.step} and exiting with {EXIT_PREEMPTED} (retryable)"
             )
-            if self._saved_step != st.step:  # the grace period is short: never write the same step twice
+            if self.saved_step != st.step:  # the grace period is short: never write the same step twice
                 self.save()
             self.logger.close()
             raise SystemExit(EXIT_PREEMPTED)
@@ -319,6 +322,8 @@ class Session:
         return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
 
     def evaluate(self) -> dict[str, float]:
+        if self.evaluator is not None:
+            return self.evaluator()
         rows = self.val_rows[: self.cfg.eval.max_samples] if self.cfg.eval.max_samples else self.val_rows
         ids = self.val_prompt_ids[: len(rows)]
         sums = evaluate_rows(self.engine, rows[self.rank :: self.world], ids[self.rank :: self.world],
@@ -380,13 +385,13 @@ class Session:
             raise error or checkpoint.CheckpointWriteError(
                 str(self.output_dir), "rank 0 could not write a checkpoint"
             )
-        self._saved_step = self.state.step
+        self.saved_step = self.state.step
         return path
 
     def finish(self, last_metrics: dict[str, Any] | None = None) -> TrainResult:
         cfg = self.cfg
         # Every rank takes the same branch: save() is a collective.
-        if cfg.checkpoint.save_final and self._saved_step != self.state.step:
+        if cfg.checkpoint.save_final and self.saved_step != self.state.step:
             self.save()
         latest = checkpoint.latest(self.output_dir, verify=False) if self.is_main else None
         if self.is_main and cfg.logging.plots and self.logger.metrics_path.exists():
