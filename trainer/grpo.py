@@ -215,11 +215,7 @@ def train(cfg: RunConfig) -> TrainResult:
 
 
 def _prepare(session: Session, runner: EpisodeRunner) -> None:
-    """Check the data against the environment, continue the API counters on resume, evaluate with episodes."""
-    cfg = session.cfg
-    runner.check_rows(session.train_rows, "train", cfg.data.train.path)
-    if cfg.data.val is not None:
-        runner.check_rows(session.val_rows, "val", cfg.data.val.path)
+    """Continue the API counters on resume; evaluate with episodes (the data was checked in Session.start)."""
     runner.share_budgets(session.world)
     # Rank 0 truncates metrics.jsonl to the resumed step when its logger starts: read it after that.
     session.accelerator.wait_for_everyone()

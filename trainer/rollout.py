@@ -205,13 +205,6 @@ class EpisodeRunner:
     def _environment(self, split: str) -> Environment:
         return make_environment(self.cfg.environment, user=self.user, judge=self.judge, split=split)
 
-    def check_rows(self, rows: Sequence[dict], split: str, source: str) -> None:
-        """Fail before training when the data does not fit the environment (IntentionGym: unknown task ids)."""
-        env = self.envs[split]
-        check = getattr(env, "check_rows", None)
-        if check is not None:
-            check(rows, source)
-
     def share_budgets(self, world: int) -> None:
         """Each of ``world`` processes spends its share: episodes are split evenly, so is the money."""
         for client in self.clients:

@@ -34,6 +34,7 @@ from trainer.config import dump_config
 from trainer.config.schema import RunConfig
 from trainer.data import load_dataset
 from trainer.engines import build_engine
+from trainer.envs import check_data
 from trainer.errors import UserError
 from trainer.evaluate import evaluate_rows, summarize
 from trainer.metrics import MetricsLogger, format_duration, step_line, write_plots
@@ -131,6 +132,9 @@ class Session:
             check_chat_template(self.tokenizer, cfg.model.path)
         self.train_rows = load_dataset(cfg.data, "train").rows
         self.val_rows = load_dataset(cfg.data, "val").rows if cfg.data.val else []
+        check_data(cfg.environment, "train", self.train_rows, cfg.data.train.path)
+        if cfg.data.val is not None:
+            check_data(cfg.environment, "val", self.val_rows, cfg.data.val.path)
         self.train_prompt_ids = self._encode_prompts(self.train_rows, "train")
         self.val_prompt_ids = self._encode_prompts(self.val_rows, "val")
         self.steps_per_epoch = len(self.train_rows) // cfg.algorithm.batch_size

@@ -190,6 +190,16 @@ CASES = [
     Case("data-bad-split", "Error: --split: 'test': expected train or val", command="data",
          args=("--split", "test")),
     Case("run-nproc-0", "Error: --nproc: 0: must be 1 or more", command="run", args=("--nproc", "0")),
+    # ---- multi-turn settings
+    Case("unknown-environment",
+         "Error: <cfg>: environment.name: 'tau2': Input should be 'single_turn' or 'intentiongym'",
+         sets=("environment.name=tau2",)),
+    Case("max-turns-0", "Error: <cfg>: environment.max_turns: 0: Input should be greater than or equal to 1",
+         sets=("environment.max_turns=0",)),
+    Case("intentiongym-without-intentions",
+         "Error: <cfg>: environment: environment.name is intentiongym but intentions is not set: give the "
+         "intention JSON, e.g. intentions: data/intentiongym/all_intentions_train.json",
+         sets=("environment.name=intentiongym",)),
 ]  # fmt: skip
 
 # Cases only the trainer can detect (they need the tokenizer): `launcher run` starts `python -m trainer`.

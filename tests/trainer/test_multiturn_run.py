@@ -73,3 +73,23 @@ def test_intentiongym_with_local_user_and_rule_judge(tmp_path: Path, tiny_model:
         api.evaluate(
             cfg, tmp_path / "run" / "checkpoints" / "step_2"
         )  # `launcher eval` would score single turns
+
+
+def test_unknown_task_id_fails_before_the_model_loads(tmp_path: Path, tiny_model: Path, monkeypatch) -> None:
+    """A row whose reward_model.id is not in the intention JSON: a clear error, before any model is loaded."""
+    import trainer.session as session_module
+
+    overrides = local_overrides(tmp_path, tiny_model)
+    intentions = next(o.split("=", 1)[1] for o in overrides if o.startswith("environment.intentions="))
+    data = json.loads(Path(intentions).read_text())
+    Path(intentions).write_text(json.dumps(data[1:]))  # drop the first task the training rows refer to
+
+    def must_not_load(*args, **kwargs):
+        raise AssertionError("the model was loaded before the data check")
+
+    monkeypatch.setattr(session_module, "load_policy", must_not_load)
+    cfg = load_config(REPO / "configs" / "intentiongym.yaml", overrides)
+    with pytest.raises(UserError) as e:
+        api.train(cfg)
+    assert f"not found in {intentions}" in e.value.render(), e.value.render()
+    assert not (tmp_path / "run" / "checkpoints").exists()

@@ -7,6 +7,9 @@ Importing this package imports neither torch nor litellm.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from typing import Any
+
 from trainer.config.multiturn import EnvironmentConfig
 from trainer.envs.base import Action, Environment, Episode, EpisodeResult, StepResult, aggregate, parse_action
 from trainer.envs.single_turn import ScoreFn, SingleTurnEnvironment
@@ -42,3 +45,14 @@ def make_environment(
             raise ValueError("intentiongym needs a user simulator client")
         return IntentionGym.from_config(cfg, user, judge, split=split)
     raise ValueError(f"unknown environment {cfg.name!r}")
+
+
+def check_data(cfg: EnvironmentConfig, split: str, rows: Sequence[dict[str, Any]], source: str) -> None:
+    """Fail before any model is loaded when ``rows`` do not fit the environment (IntentionGym: unknown task ids)."""
+    if cfg.name != "intentiongym":
+        return
+    from trainer.envs.intentiongym import check_rows, load_intentions
+
+    path = cfg.val_intentions if split == "val" and cfg.val_intentions else cfg.intentions
+    assert path is not None  # the config validator requires it for intentiongym
+    check_rows(rows, load_intentions(path), source, path)
