@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> None:
     with open(args.data, encoding="utf-8") as f:
         prompts = [json.loads(line)["prompt"] for line in f]
     eos = tok.eos_token_id
-    step_s, tokens = [], []
+    step_s, gen_s, update_s, tokens = [], [], [], []
     for step in range(args.steps):
         t0 = time.perf_counter()
         rows = [prompts[(step * args.batch + i) % len(prompts)] for i in range(args.batch)]
@@ -62,6 +62,7 @@ def main(argv: list[str] | None = None) -> None:
         with torch.no_grad():
             out = model.generate(**enc, max_new_tokens=args.max_new, do_sample=True, temperature=args.temperature,
                                  top_p=None, top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=eos)  # fmt: skip
+        t1 = time.perf_counter()
         completion = out[:, width:]
         # Tokens up to and including the first EOS are trained; later ones are padding.
         after_eos = (completion == eos).long().cumsum(1) - (completion == eos).long()
@@ -77,8 +78,10 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
         opt.zero_grad(set_to_none=True)
         step_s.append(time.perf_counter() - t0)
+        gen_s.append(t1 - t0)
+        update_s.append(step_s[-1] - gen_s[-1])
         tokens.append(int(target.sum()))
-    result = {"step_s": step_s, "tokens": tokens, "completions": args.batch * args.group,
+    result = {"step_s": step_s, "generate_s": gen_s, "update_s": update_s, "tokens": tokens, "completions": args.batch * args.group,
               "in_process_s": time.perf_counter() - T_START}  # fmt: skip
     with open(args.out, "w", encoding="utf-8") as f:
         json.dump(result, f)

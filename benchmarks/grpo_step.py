@@ -131,7 +131,8 @@ def run_one(command: str, mode: str, rnd: int, work: Path, paths: dict[str, Path
             [_launcher(), "run", str(paths[f"config-{mode}"]), "--set", f"output_dir={out_dir}"], env
         )
         rows = [json.loads(line) for line in (out_dir / "logs" / "metrics.jsonl").read_text().splitlines()]
-        timed.extra = {"step_s": [r["time/step_s"] for r in rows], "tokens": [r["tokens"] for r in rows]}
+        timed.extra = {"step_s": [r["time/step_s"] for r in rows], "tokens": [r["tokens"] for r in rows],
+                       "generate_s": [r["time/generate_s"] for r in rows], "update_s": [r["time/update_s"] for r in rows]}  # fmt: skip
         shutil.rmtree(out_dir, ignore_errors=True)
         return timed
     out = work / f"{command}-{mode}-{rnd}.json"
@@ -152,7 +153,11 @@ def summarize(runs: list[Timed], s: GrpoSettings) -> dict[str, float]:
         per_step.append(median(steps))
         comps.append(completions * len(steps) / sum(steps))
         toks.append(sum(tokens) / sum(steps))
-    return {"step_s": median(per_step), "completions_per_s": median(comps), "tokens_per_s": median(toks),
+    phases = {}
+    for key in ("generate_s", "update_s"):
+        if all(key in r.extra for r in runs):
+            phases[key] = median([median(r.extra[key][s.warm_skip :]) for r in runs])
+    return {"step_s": median(per_step), "completions_per_s": median(comps), "tokens_per_s": median(toks), **phases,
             "process_s": median([r.wall_s for r in runs]), "runs": len(runs),
             "step_s_all": [round(x, 4) for x in per_step], "process_s_all": [round(r.wall_s, 2) for r in runs]}  # fmt: skip
 
@@ -221,7 +226,21 @@ def section(res: dict, command_line: str) -> str:
             lines.append(f"| {mode} | {cmd} | {fmt(r['step_s'], 3)} | {fmt(rs)} | {fmt(r['completions_per_s'], 1)} | "
                          f"{fmt(r['tokens_per_s'], 0)} | {fmt(r['process_s'])} | {fmt(rp)} |")  # fmt: skip
     lines += ["", "Targets (issue 6): step / floor <= 1.15; the whole 10-step process faster than TRL's and "
-              "process / floor <= 1.2. Per-run figures (step s; process s):", ""]  # fmt: skip
+              "process / floor <= 1.2.", "",
+              "Step phases (warm medians): *generate* = userloop's `time/generate_s` (rollout: generate, decode, "
+              "rewards) and the floor's `generate`; *update* = userloop's `time/update_s` (loss forward, backward, "
+              "clip, AdamW) and the floor's forward/backward/AdamW; *rest* = step - generate - update (advantages, "
+              "collate, metrics). TRL reports no such split.", "",
+              "| mode | command | generate (s) | update (s) | rest (s) |", "|---|---|---:|---:|---:|"]  # fmt: skip
+    for mode, by_cmd in res["results"].items():
+        for cmd in ("userloop", "floor"):
+            r = by_cmd.get(cmd)
+            if r and "generate_s" in r:
+                rest = r["step_s"] - r["generate_s"] - r["update_s"]
+                lines.append(
+                    f"| {mode} | {cmd} | {fmt(r['generate_s'], 3)} | {fmt(r['update_s'], 3)} | {fmt(rest, 3)} |"
+                )
+    lines += ["", "Per-run figures (step s; process s):", ""]
     for mode, by_cmd in res["results"].items():
         for cmd, r in by_cmd.items():
             lines.append(f"- {mode} {cmd}: {r['step_s_all']}; {r['process_s_all']}")

@@ -289,14 +289,18 @@ def run_soak(
     work: Path | None = None,
     seed: int = 0,
     say: Any = print,
+    tiny_model: Path | None = None,
 ) -> SoakResult:
-    """Start the chain, run the trainer for ``minutes``, SIGTERM it, and collect samples and logs."""
+    """Start the chain, run the trainer for ``minutes``, SIGTERM it, and collect samples and logs.
+
+    ``tiny_model``: an existing tiny model directory (tests pass theirs); else one is built in ``work``.
+    """
     from trainer.testing.fault_proxy import FaultPlan, FaultProxy
     from trainer.testing.serve import TransformersServer
     from trainer.tiny import build_tiny_model
 
     work = Path(work or tempfile.mkdtemp(prefix="userloop-soak-"))
-    tiny = work / "tiny"
+    tiny = Path(tiny_model) if tiny_model else work / "tiny"
     if not (tiny / "config.json").is_file():
         build_tiny_model(tiny, seed=0)
     plan = FaultPlan(rate=rate, retry_after_s=0.2, stall_s=4.0, seed=seed)
@@ -349,7 +353,7 @@ def run_soak(
         wall = time.monotonic() - t0
         stats = proxy.stats()
     logs = work / "run" / "logs"
-    return SoakResult(
+    result = SoakResult(
         minutes=minutes,
         rate=rate,
         wall_s=wall,
@@ -363,6 +367,11 @@ def run_soak(
         stdout_tail=(work / "trainer.out").read_text(errors="replace")[-3000:],
         settings=settings,
     )
+    # The raw figures stay beside the run for a later look (samples, proxy counters).
+    raw = {k: v for k, v in vars(result).items() if k not in ("metrics", "episodes")}
+    raw["samples"] = [vars(x) for x in result.samples]
+    (work / "soak.json").write_text(json.dumps(raw, indent=1, default=str))
+    return result
 
 
 def _jsonl(path: Path) -> list[dict[str, Any]]:

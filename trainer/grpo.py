@@ -178,7 +178,9 @@ def train(cfg: RunConfig) -> TrainResult:
             rewards = [t.reward for t in trajectories]
             advantages = group_advantages(rewards, algo.group_size)
             batch = trajectory_batch(trajectories, advantages, tok.pad_token_id, session.device)
-            n_tokens = float(batch.loss_mask.sum().clamp(min=1))
+            n_tokens = session.loss_denominator(
+                float(batch.loss_mask.sum())
+            )  # every token counts once, any rank
             if algo.updates_per_batch > 1:  # later passes need the sampling-time log-probs for the ratio
                 with torch.no_grad():
                     batch.old_logp = torch.cat([token_logprobs(session.model, mb, cfg.rollout.temperature)[0]
