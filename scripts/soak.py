@@ -30,18 +30,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import hashlib
 import json
 import os
 import platform
 import re
 import signal
+import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
+from collections import deque
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -63,17 +67,21 @@ DOC_END = "<!-- soak:end -->"
 class ScoreUpstream:
     """An OpenAI-compatible hop in front of ``transformers serve`` that turns judge replies into scores.
 
-    Every request is forwarded unchanged (so the real server parses and answers it); a reply to an
+    Every request is forwarded (body, content type and key; the real server parses and answers it); a reply to an
     ``llm_judge`` prompt (its system message asks for ``{"score": ...}``) gets its content replaced by
     ``{"score": n}``, n = a hash of the request body mod 11: deterministic (a greedy call repeated
     gets the same score) and varied (GRPO groups get a signal). Runs on its own loop in a daemon thread.
     """
 
-    def __init__(self, upstream: str, host: str = "127.0.0.1"):
+    def __init__(self, upstream: str, host: str = "127.0.0.1", echo_key_errors: Sequence[int] = ()):
+        """``echo_key_errors``: statuses (e.g. 401, 500) for the first requests, answered with an error
+        whose message quotes the request's Authorization header, as careless relays do; the secrets
+        test uses it to prove such a key never reaches logs or metrics."""
         self.upstream = upstream.rstrip("/")
         self.host = host
         self.port = 0
         self.authorizations: list[str] = []  # Authorization headers seen (tests prove the key was sent)
+        self._echo = deque(echo_key_errors)
         self._lock = threading.Lock()
         self._loop = asyncio.new_event_loop()
         self._thread: threading.Thread | None = None
@@ -84,15 +92,32 @@ class ScoreUpstream:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
+    def echo_key_errors(self, *statuses: int) -> None:
+        """Answer the next requests with these statuses and a message quoting the key (see ``__init__``)."""
+        with self._lock:
+            self._echo.extend(statuses)
+
+    def reset(self) -> None:
+        """Forget pending ``echo_key_errors`` and the Authorization headers seen (between tests)."""
+        with self._lock:
+            self._echo.clear()
+            self.authorizations.clear()
+
     def start(self) -> ScoreUpstream:
+        # Bound here, so the port is known before the loop runs (as FaultProxy does).
+        sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        sock.bind((self.host, 0))
+        self.port = sock.getsockname()[1]
         ready = threading.Event()
-        self._thread = threading.Thread(target=self._serve, args=(ready,), name="score-upstream", daemon=True)
+        self._thread = threading.Thread(
+            target=self._serve, args=(sock, ready), name="score-upstream", daemon=True
+        )
         self._thread.start()
         if not ready.wait(10):
             raise RuntimeError("score upstream did not start within 10 s")
         return self
 
-    def _serve(self, ready: threading.Event) -> None:
+    def _serve(self, sock: socket.socket, ready: threading.Event) -> None:
         asyncio.set_event_loop(self._loop)
 
         async def setup() -> None:
@@ -100,9 +125,7 @@ class ScoreUpstream:
             app.router.add_route("*", "/{tail:.*}", self._handle)
             self._runner = web.AppRunner(app, access_log=None)
             await self._runner.setup()
-            site = web.TCPSite(self._runner, self.host, 0)
-            await site.start()
-            self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+            await web.SockSite(self._runner, sock).start()
             self._session = ClientSession(timeout=ClientTimeout(total=120))
 
         self._loop.run_until_complete(setup())
@@ -113,9 +136,15 @@ class ScoreUpstream:
         assert self._session is not None
         body = await request.read()
         auth = request.headers.get("Authorization")
-        if auth is not None:
-            with self._lock:
+        with self._lock:
+            if auth is not None:
                 self.authorizations.append(auth)
+            echo = self._echo.popleft() if self._echo else None
+        if echo is not None:
+            message = f"Incorrect API key provided: {auth}. Request headers: {dict(request.headers)}"
+            return web.json_response(
+                {"error": {"message": message, "type": "invalid_request_error", "code": echo}}, status=echo
+            )
         headers = {k: v for k, v in request.headers.items() if k.lower() in ("content-type", "authorization")}
         async with self._session.request(
             request.method, self.upstream + request.rel_url.path_qs, data=body, headers=headers
@@ -142,6 +171,8 @@ class ScoreUpstream:
         asyncio.run_coroutine_threadsafe(shutdown(), self._loop).result(10)
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(10)
+        if not self._thread.is_alive():
+            self._loop.close()
         self._thread = None
 
     def __enter__(self) -> ScoreUpstream:
@@ -189,6 +220,7 @@ def run_overrides(
         "algorithm.group_size=2",
         "algorithm.grad_accum=2",
         f"algorithm.max_steps={max_steps}",
+        "algorithm.epochs=100000",  # the soak's clock ends the run, not the data (8 rows: 4 steps an epoch)
         f"data.train.path={s['train']}",
         f"data.val.path={s['test']}",
         f"environment.intentions={s['train_intentions']}",
@@ -312,11 +344,15 @@ def run_soak(
         "episodes per step": EPISODES_PER_STEP,
         "judge calls": "1 per episode, temperature 0",
     }
+    # The server's port is fixed before it starts, so the hops and the trainer can start while it loads
+    # (its ~7 s overlap the trainer's imports, which take longer); it is stopped last, on every path.
+    server = TransformersServer(tiny, log_path=work / "serve.log")
     with (
-        TransformersServer(tiny, log_path=work / "serve.log") as server,
+        contextlib.ExitStack() as stack,
         ScoreUpstream(server.root_url) as upstream,
         FaultProxy(upstream.url, plan) as proxy,
     ):
+        stack.callback(server.stop)
         args = run_overrides(work, tiny, f"{proxy.url}/v1", server.model)
         cmd = [sys.executable, "-m", "trainer", "--config", str(CONFIG)]
         for a in args:
@@ -327,6 +363,12 @@ def run_soak(
         t0 = time.monotonic()
         proc = subprocess.Popen(cmd, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, env=env)
         log.close()
+        try:
+            server.start()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
         metrics_path = work / "run" / "logs" / "metrics.jsonl"
         samples: list[Sample] = []
         steady_from: float | None = None
@@ -419,23 +461,29 @@ def check(result: SoakResult, flat: bool = True) -> list[str]:
         return [f"the run logged {len(steps)} steps; it did not keep going ({result.stdout_tail[-500:]})"]
     if steps != list(range(steps[0], steps[0] + len(steps))):
         problems.append(f"metrics steps are not contiguous: {steps[:10]}...")
-    if result.exit_code not in (0, 143):
-        problems.append(f"the trainer exited {result.exit_code} (expected 143 after SIGTERM)")
+    if result.exit_code != 143:  # 0 would mean it ran out of steps before the soak's time was up
+        problems.append(f"the trainer exited {result.exit_code} (expected 143 after the final SIGTERM)")
     last = rows[-1]
     total = len(rows) * EPISODES_PER_STEP
     invalid_total = sum(r["episodes/invalid"] for r in rows)
     if last["episodes/invalid_total"] != invalid_total:
-        problems.append(f"episodes/invalid_total {last['episodes/invalid_total']} != sum of per-step {invalid_total}")
+        problems.append(
+            f"episodes/invalid_total {last['episodes/invalid_total']} != sum of per-step {invalid_total}"
+        )
     # The only API call of an episode is its judge call: calls + cache hits = episodes, and every call
     # that failed after its retries is exactly one invalid episode (none lost, none scored).
     if last["api/calls"] + last["api/cache_hits"] != total:
-        problems.append(f"api/calls {last['api/calls']} + cache_hits {last['api/cache_hits']} != episodes {total}")
+        problems.append(
+            f"api/calls {last['api/calls']} + cache_hits {last['api/cache_hits']} != episodes {total}"
+        )
     if last["api/failed"] != invalid_total:
         problems.append(f"api/failed {last['api/failed']} != invalid episodes {invalid_total}")
     if result.rate > 0:
         for key in ("api/failed", "api/retries", "episodes/invalid_total"):
             if not last[key] > 0:
-                problems.append(f"{key} is {last[key]} after {len(rows)} steps at a {result.rate:g} fault rate")
+                problems.append(
+                    f"{key} is {last[key]} after {len(rows)} steps at a {result.rate:g} fault rate"
+                )
     for r in rows:
         if r["episodes/invalid"] == EPISODES_PER_STEP and r["reward/mean"] != 0.0:
             problems.append(f"step {r['step']}: every episode invalid, yet reward/mean {r['reward/mean']}")
@@ -450,7 +498,9 @@ def check(result: SoakResult, flat: bool = True) -> list[str]:
     if flat and len(s) >= 8:
         rss, fds, conns = trend(s, "rss_mb"), trend(s, "fds"), trend(s, "connections")
         if rss.last > rss.first * 1.10 + 30:
-            problems.append(f"RSS grew from {rss.first:.0f} to {rss.last:.0f} MB (slope {rss.slope_per_min:+.1f} MB/min)")
+            problems.append(
+                f"RSS grew from {rss.first:.0f} to {rss.last:.0f} MB (slope {rss.slope_per_min:+.1f} MB/min)"
+            )
         if fds.last > fds.first + 8:
             problems.append(f"open descriptors grew from {fds.first:.0f} to {fds.last:.0f}")
         if conns.last > conns.first + 8:

@@ -42,7 +42,7 @@ from trainer.envs import Environment, EpisodeResult, make_environment
 from trainer.envs.invalid import InvalidMonitor
 from trainer.errors import UserError
 from trainer.evaluate import sample_args
-from trainer.llm import LLMClient, LoopThread, make_client, merge_snapshots, open_cache
+from trainer.llm import LLMClient, LoopThread, ResponseCache, make_client, merge_snapshots, open_cache
 from trainer.llm.types import Message
 from trainer.prompts import TurnTemplate, encode_chat
 from trainer.rewards import Reward, score
@@ -165,8 +165,9 @@ class EpisodeRunner:
         self.loop = LoopThread()
         self.batcher = GenerationBatcher(engine, self.loop.loop)
         self.clients: list[LLMClient] = []
+        self.cache: ResponseCache | None = None
         try:
-            cache = open_cache(output_dir) if self._wants_cache() else None
+            self.cache = cache = open_cache(output_dir) if self._wants_cache() else None
             self.user = self._client(cfg.user_simulator, "user_simulator", cache, seed)
             self.judge = self._client(cfg.judge, "judge", cache, seed + 1)
             judge_rewards = [r for r in cfg.rewards if isinstance(r, LlmJudgeReward)]
@@ -187,9 +188,12 @@ class EpisodeRunner:
     # ------------------------------------------------------------------ setup
 
     def _wants_cache(self) -> bool:
+        # Only for clients built here from the config: with every client supplied (tests), opening one would
+        # create <output_dir>/api_cache.sqlite for nothing (tests passing output_dir "unused" wrote it to the cwd).
+        sections = (("user_simulator", self.cfg.user_simulator), ("judge", self.cfg.judge))
         return any(
-            s is not None and s.backend == "api" and s.cache
-            for s in (self.cfg.user_simulator, self.cfg.judge)
+            s is not None and s.backend == "api" and s.cache and role not in self._given
+            for role, s in sections
         )
 
     def _client(self, section, role: str, cache, seed: int) -> LLMClient | None:
@@ -378,6 +382,11 @@ class EpisodeRunner:
             self.loop.run(_close(), timeout=30)
         finally:
             self.loop.close()
+            # The SQLite connection holds three descriptors (db, -wal, -shm) and, until closed, the newest
+            # answers only in the -wal file: a run in a long-lived process (api.train) must not leave it open.
+            if self.cache is not None:
+                self.cache.close()
+                self.cache = None
 
 
 def write_samples(path: str | Path, step: int, trajectories: Sequence[Trajectory], k: int = 2) -> None:
