@@ -112,6 +112,18 @@ def versions(*names: str) -> str:
     return ", ".join(parts)
 
 
+def code_version() -> str:
+    """The commit measured (read-only git calls), and whether trainer/ or launcher/ had uncommitted changes."""
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True,
+                             timeout=10).stdout.strip()  # fmt: skip
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "trainer", "launcher"], cwd=REPO,
+                               capture_output=True, text=True, timeout=10).stdout.strip()  # fmt: skip
+    except (OSError, subprocess.SubprocessError):
+        return "commit unknown"
+    return f"commit {rev or 'unknown'}" + (" + uncommitted changes in trainer/ or launcher/" if dirty else "")
+
+
 def utc_now() -> str:
     return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime())
 

@@ -32,6 +32,7 @@ import yaml
 from benchmarks.common import (
     Timed,
     bench_env,
+    code_version,
     fmt,
     interleave,
     load_average,
@@ -183,7 +184,7 @@ def bench(s: GrpoSettings, threads: int, log=print) -> dict:
             runs = interleave({c: make(c) for c in commands}, s.rounds)
             results[mode] = {c: summarize(runs[c], s) for c in commands}
         return {"settings": asdict(s), "threads": threads, "model": model_info, "results": results,
-                "machine": machine(), "load": load_average(), "when": utc_now()}  # fmt: skip
+                "machine": machine(), "load": load_average(), "when": utc_now(), "code": code_version()}  # fmt: skip
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
@@ -194,21 +195,27 @@ def section(res: dict, command_line: str) -> str:
     lines = [
         HEADING,
         "",
-        f"Measured {res['when']} with `{command_line}` (load average at the end {res['load']}).",
+        f"Measured {res['when']} ({res['code']}) with `{command_line}` (load average at the end {res['load']}).",
         f"Machine: {res['machine']}. {versions('torch', 'transformers', 'peft', 'accelerate', 'trl')}.",
         f"`OMP_NUM_THREADS={res['threads']}` (and `MKL_NUM_THREADS`) for every command.",
         "",
         f"Settings: next-letter task (configs/quickstart.yaml, raw prompts of 4 tokens), tiny Qwen3-architecture "
         f"model from `trainer.tiny.build_tiny_model(hidden_size={s.hidden_size}, layers={s.layers})` "
-        f"({m['parameters']:,} parameters, vocabulary {m['vocab_size']}; larger than the quickstart's 84k so that "
-        f"compute dominates per-call overhead), float32, batch_size {s.batch_size} prompts x group_size "
+        f"({m['parameters']:,} parameters, vocabulary {m['vocab_size']}"
+        + (
+            "; larger than the quickstart's 84k so that compute, not per-call overhead, dominates a step"
+            if m["parameters"] > 100_000
+            else "; the quick setting"
+        )  # fmt: skip
+        + f"), float32, batch_size {s.batch_size} prompts x group_size "
         f"{s.group_size} = {s.batch_size * s.group_size} completions per step, max_new_tokens {s.max_new_tokens}, "
         f"temperature {s.temperature:g}, lr {s.lr:g} constant, AdamW, no KL (beta/kl_coef 0), one update per batch; "
         f"LoRA: r {LORA['r']}, alpha {LORA['lora_alpha']}, all linear layers, dropout 0. No eval, checkpoints or "
         f"plots in any command. {s.steps} steps per process, {s.rounds} interleaved rounds "
         f"(userloop, TRL, floor, userloop, ...). Per-step: median of the warm steps (steps {s.warm_skip + 1}-"
         f"{s.steps}) of each process, then the median over processes; process: wall time of the whole command "
-        "(`launcher run` = the launcher's config check + `python -m trainer`).",
+        "(`launcher run` = the launcher's config check + `python -m trainer`). Completion tokens per step vary "
+        "with sampling (EOS ends a completion early); tokens/s counts each command's own.",
         "",
         "| mode | command | step (s) | step / floor | completions/s | tokens/s | process (s) | process / floor |",
         "|---|---|---:|---:|---:|---:|---:|---:|",

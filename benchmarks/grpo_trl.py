@@ -5,9 +5,10 @@ Equivalence with ``launcher run`` on the benchmark config (see ``benchmarks.grpo
 generation batch per optimizer step, so one step = batch_size prompts x group_size completions;
 ``max_completion_length`` = max_new_tokens; ``beta=0`` (no KL, no reference model); ``loss_type="dapo"``
 (token-level sum over the step's completion tokens divided by their number, userloop's loss);
-``scale_rewards="group"``; ``epsilon`` = clip_range; the same LR (constant), AdamW without weight decay,
-``max_grad_norm=1``, temperature, top_p=1, top_k off, dropout off, float32 on the CPU, no vLLM, no
-checkpoints, no reporting. The reward is userloop's own ``accuracy`` on the same rows.
+``scale_rewards="group"``; ``epsilon`` = clip_range; the same LR (constant), ``torch.optim.AdamW`` without
+weight decay, ``max_grad_norm=1``, temperature, top_p=1, top_k off, dropout off, float32 on the CPU (GRPOConfig
+defaults to bf16), activation checkpointing off (GRPOConfig defaults to on), no vLLM, no checkpoints, no
+reporting. The reward is userloop's own ``accuracy`` on the same rows.
 
 Per-step time: a callback's ``on_step_begin`` -> ``on_step_end`` span (generation, reward, forward/backward,
 clip and optimizer step), the span userloop's ``time/step_s`` covers.
@@ -106,6 +107,8 @@ def main(argv: list[str] | None = None) -> None:
             max_grad_norm=1.0,
             max_steps=args.steps,
             disable_dropout=True,
+            activation_checkpointing=False,  # GRPOConfig defaults to True (recomputes activations); userloop: off
+            optim="adamw_torch",  # torch.optim.AdamW, as userloop and the floor (TRL's default is the fused kernel)
             use_vllm=False,
             use_cpu=True,
             bf16=False,

@@ -6,6 +6,7 @@ matching bucket below (a stack is read from the leaf up; the first bucket whose 
 shares add up to 100 % of the process's samples:
 
     python -m benchmarks.profile_grpo [--mode full|lora] [--steps 30] [--quick] [--top 25]
+    python -m benchmarks.profile_grpo --timeline [--mode full|lora]   # start-up / steps / exit of each process
 
 Needs py-spy (the ``bench`` extra) and permission to ptrace its own child (the default for root and for
 children on most Linux set-ups).
@@ -86,6 +87,60 @@ def _bucket_in_order(frames: list[str]) -> str:
     return "other"
 
 
+def timeline(mode: str, threads: int, quick: bool) -> None:
+    """Wall-clock phases of ``launcher run`` and of the floor: start-up, steps, interpreter exit.
+
+    userloop: the first trainer line marks the end of start-up, step 1's line the first step, the ``done``
+    line the end of training; what follows until the process is gone is the interpreter's exit.
+    """
+    import json
+    import time
+
+    from benchmarks.grpo_step import _launcher, _script_args
+
+    s = replace(QUICK if quick else FULL, modes=(mode,))
+    work = Path(tempfile.mkdtemp(prefix="userloop-timeline-"))
+    try:
+        paths = prepare(work, s)
+        env = dict(bench_env(threads), PYTHONUNBUFFERED="1")
+        runs = {
+            "userloop (launcher run)": [_launcher(), "run", str(paths[f"config-{mode}"])],
+            "floor": [
+                sys.executable,
+                "-m",
+                "benchmarks.grpo_floor",
+                *_script_args(paths, s, mode, work / "f.json"),
+            ],
+        }
+        for name, cmd in runs.items():
+            t0 = time.perf_counter()
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+            marks: dict[str, float] = {}
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                now = time.perf_counter() - t0
+                if line.startswith("userloop "):
+                    marks.setdefault("start-up done", now)
+                elif line.startswith("step 1/"):
+                    marks["step 1 done"] = now
+                elif line.startswith("done:"):
+                    marks["training done"] = now
+            proc.wait()
+            total = time.perf_counter() - t0
+            if name == "floor":
+                d = json.loads((work / "f.json").read_text())
+                first = d["in_process_s"] - sum(d["step_s"])
+                marks = {"start-up done": first, "step 1 done": first + d["step_s"][0],
+                         "training done": d["in_process_s"]}  # fmt: skip
+            prev, parts = 0.0, []
+            for label, at in marks.items():
+                parts.append(f"{label} +{at - prev:.2f} s")
+                prev = at
+            print(f"{name}: {' | '.join(parts)} | exit +{total - prev:.2f} s | total {total:.2f} s")
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--mode", choices=("full", "lora"), default="full")
@@ -97,7 +152,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rate", type=int, default=250, help="samples per second")
     ap.add_argument("--top", type=int, default=20, help="leaf functions to list")
     ap.add_argument("--keep", type=Path, default=None, help="copy the raw profile here")
+    ap.add_argument(
+        "--timeline", action="store_true", help="phases of the userloop and floor processes instead"
+    )
     args = ap.parse_args(argv)
+    if args.timeline:
+        timeline(args.mode, args.threads, args.quick)
+        return 0
     spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
     s = replace(QUICK if args.quick else FULL, steps=args.steps, modes=(args.mode,))
     work = Path(tempfile.mkdtemp(prefix="userloop-profile-"))

@@ -174,6 +174,8 @@ def train(cfg: RunConfig) -> TrainResult:
             trajectories = runner.rollout(rows, algo.group_size, params)
             t_gen = time.perf_counter() - t0
 
+            session.preemption_point()  # after SIGTERM: drop this step before it touches the weights
+
             # 2. Group-normalised advantages over the valid episodes.
             rewards = [t.reward for t in trajectories]
             advantages = group_advantages(rewards, algo.group_size)

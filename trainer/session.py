@@ -86,6 +86,8 @@ class Session:
         self.cfg = cfg
         self.output_dir = Path(cfg.output_dir)
         self._preempted = False
+        self._sigterm_at: float | None = None
+        self._step_rng: dict[str, Any] = {}
         self.saved_step = -1  # step of the last checkpoint this process took part in (same on every rank)
         # Algorithms whose evaluation is not single-turn generation (multi-turn episodes) set their own.
         self.evaluator: Callable[[], dict[str, float]] | None = None
@@ -232,7 +234,30 @@ class Session:
             start = self.state.batch_in_epoch * bs
             idx = order[start : start + bs].tolist()[self.rank :: self.world]
             self._t_step = time.perf_counter()
+            self._step_rng = _get_rng_state()  # what a checkpoint of the last finished step must hold
             yield [(i, self.train_rows[i], self.train_prompt_ids[i]) for i in idx]
+
+    def preemption_point(self) -> None:
+        """Call between a step's rollouts and its update: after SIGTERM, abandon the step rather than finish it.
+
+        Nothing of the step has reached the weights or the optimizer yet, so restoring the RNG streams of the
+        step's start makes the checkpoint exactly that of the last finished step: the restarted pod redoes
+        this step with the same samples. Saves up to one update's time of the grace period.
+        """
+        if not self._any_rank(self._preempted):
+            return
+        self.optimizer.zero_grad(set_to_none=True)
+        _set_rng_state(self._step_rng)
+        self._exit_preempted("abandoning the step in flight")
+
+    def _exit_preempted(self, what: str) -> None:
+        elapsed = time.monotonic() - (self._sigterm_at or time.monotonic())
+        self.logger.info(f"SIGTERM {elapsed:.1f}s ago: {what}, checkpointing step {self.state.step} and exiting "
+                         f"with {EXIT_PREEMPTED} (retryable; grace {self.cfg.checkpoint.grace_s:.0f}s)")  # fmt: skip
+        if self.saved_step != self.state.step:  # the grace period is short: never write the same step twice
+            self.save()
+        self.logger.close()
+        raise SystemExit(EXIT_PREEMPTED)
 
     def backward(self, loss: torch.Tensor, sync: bool = True) -> None:
         """Backward pass; ``sync=False`` for all but the last micro-batch of a step skips the gradient all-reduce."""
@@ -309,13 +334,7 @@ class Session:
             self.save()
         self.schedule.apply(self.optimizer, st.step, st.lr_scale)
         if self._any_rank(self._preempted):
-            self.logger.info(
-                f"SIGTERM: checkpointing at step {st.step} and exiting with {EXIT_PREEMPTED} (retryable)"
-            )
-            if self.saved_step != st.step:  # the grace period is short: never write the same step twice
-                self.save()
-            self.logger.close()
-            raise SystemExit(EXIT_PREEMPTED)
+            self._exit_preempted("step finished")
         return done or st.stopped_early
 
     def _any_rank(self, flag: bool) -> bool:
@@ -423,6 +442,7 @@ class Session:
     def _on_sigterm(self, signum, frame) -> None:
         # Finish the current step, checkpoint, exit 143: see end_step.
         self._preempted = True
+        self._sigterm_at = time.monotonic()
 
 
 def _get_rng_state() -> dict[str, Any]:

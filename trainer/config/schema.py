@@ -284,6 +284,14 @@ class CheckpointConfig(Section):
         "fresh (refuses to overwrite existing checkpoints); or a path to one `step_N` directory.",
     )
     save_final: bool = Field(True, description="Save a checkpoint when training ends.")
+    grace_s: float = Field(
+        90.0,
+        gt=0,
+        description="Seconds the trainer may take after SIGTERM (pod eviction) to stop: a step still sampling is "
+        "abandoned, one already updating is finished, then a checkpoint is written and the process exits 143 "
+        "(retryable). Must cover one update plus one save; `cluster.termination_grace_period_seconds` must "
+        "exceed it, or the kubelet kills the pod mid-save.",
+    )
 
     @model_validator(mode="after")
     def _one_cadence(self) -> CheckpointConfig:
@@ -368,6 +376,12 @@ class RunConfig(Section):
     @model_validator(mode="after")
     def _cross_checks(self) -> RunConfig:
         env = self.environment
+        if self.cluster.termination_grace_period_seconds < self.checkpoint.grace_s + 15:
+            raise ValueError(
+                f"cluster.termination_grace_period_seconds ({self.cluster.termination_grace_period_seconds}) must "
+                f"exceed checkpoint.grace_s ({self.checkpoint.grace_s:g}) by at least 15 s, or the kubelet kills "
+                "the trainer while it writes its preemption checkpoint"
+            )
         if self.algorithm.name == "grpo" and self.rollout.temperature == 0:
             raise ValueError(
                 "rollout.temperature is 0 (greedy): every completion of a group would be the same and GRPO would "
