@@ -30,6 +30,10 @@ format: install
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
+bench: install
+	$(PY) -m pip install -q -e '.[dev,bench]'
+	$(PY) -m benchmarks.run --write
+
 docs: install
 	$(PY) -m trainer.config.reference --write README.md
 	$(PY) -m trainer.rewards --plot docs/length_penalty.png
