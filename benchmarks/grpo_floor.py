@@ -11,27 +11,16 @@ with ``launcher run`` and TRL's::
 
 from __future__ import annotations
 
-import argparse
 import json
 import time
+
+from benchmarks.grpo_settings import compared_command_parser
 
 T_START = time.perf_counter()  # before torch is imported: the process's own start-up counts
 
 
 def main(argv: list[str] | None = None) -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", required=True)
-    ap.add_argument("--data", required=True)
-    ap.add_argument("--batch", type=int, required=True, help="prompts per step")
-    ap.add_argument("--group", type=int, required=True, help="completions per prompt")
-    ap.add_argument("--max-new", type=int, required=True)
-    ap.add_argument("--lr", type=float, required=True)
-    ap.add_argument("--steps", type=int, required=True)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--lora", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
+    args = compared_command_parser(__doc__.splitlines()[0]).parse_args(argv)
 
     import torch
     import torch.nn.functional as F
