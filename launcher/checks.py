@@ -229,6 +229,11 @@ def semantic_problems(rendered: Rendered, cfg: RunConfig) -> list[str]:
     cm = cms.get(f"{name}-config")
     if cm is None or not cm.get("data", {}).get("config.yaml", "").strip():
         problems.append(f"{where}: the ConfigMap {name}-config with a non-empty config.yaml is missing")
+    if cfg.rollout.engine == "sglang" and not c.sidecar and not cfg.rollout.sglang.url:
+        problems.append(
+            f"{where}: rollout.engine is sglang but cluster.rollout_gpus_per_node is 0: the pod runs no SGLang "
+            "server; give it rollout GPUs or set rollout.sglang.url to a server the pod can reach"
+        )
     problems += _api_key_problems(cfg)
     return problems
 
@@ -256,6 +261,7 @@ def _pod_problems(where: str, spec: dict[str, Any], cfg: RunConfig) -> list[str]
             probe = sidecar.get("startupProbe", {}).get("httpGet", {})
             if probe.get("path") != "/health_generate":
                 problems.append(f"{where}: initContainers.sglang.startupProbe: must probe /health_generate")
+            problems += _hand_over_problems(where, trainer, sidecar, spec)
     total = _gpus(trainer) + sum(_gpus(ct) for ct in inits.values())
     if total != c.gpus_per_node or _gpus(trainer) != c.trainer_gpus:
         problems.append(
@@ -274,6 +280,34 @@ def _pod_problems(where: str, spec: dict[str, Any], cfg: RunConfig) -> list[str]
     for env in trainer.get("env", []):
         if _SECRET_NAME.search(env["name"]) and "value" in env:
             problems.append(f"{where}: pytorch: env {env['name']} has a literal value; use a secretKeyRef")
+    return problems
+
+
+def _hand_over_problems(
+    where: str, trainer: dict[str, Any], sidecar: dict[str, Any], spec: dict[str, Any]
+) -> list[str]:
+    """Trainer and sidecar hold disjoint GPUs: new weights go through one in-memory volume both mount at the
+    directory the trainer writes to (``USERLOOP_WEIGHTS_DIR``), and the trainer must know the server's URL."""
+    env = {e["name"]: e.get("value") for e in trainer.get("env", [])}
+    problems = []
+    if not env.get("USERLOOP_SGLANG_URL"):
+        problems.append(f"{where}: pytorch: env USERLOOP_SGLANG_URL (the sidecar's URL) is missing")
+    weights = env.get("USERLOOP_WEIGHTS_DIR")
+    if not weights:
+        return problems + [
+            f"{where}: pytorch: env USERLOOP_WEIGHTS_DIR (the weight hand-over volume) is missing"
+        ]
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    mounted = [
+        {m["mountPath"]: m["name"] for m in ct.get("volumeMounts", [])}.get(weights)
+        for ct in (trainer, sidecar)
+    ]
+    if mounted[0] is None or mounted[0] != mounted[1]:
+        problems.append(f"{where}: the trainer and the sglang sidecar must mount the same volume at {weights} "
+                        f"(USERLOOP_WEIGHTS_DIR), got {mounted[0]!r} and {mounted[1]!r}")  # fmt: skip
+    elif volumes.get(mounted[0], {}).get("emptyDir", {}).get("medium") != "Memory":
+        problems.append(f"{where}: volume {mounted[0]} at {weights}: must be an emptyDir with medium Memory "
+                        "(weights are handed over once per step)")  # fmt: skip
     return problems
 
 

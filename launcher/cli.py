@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -100,9 +101,12 @@ def run(
     set: SetOpt = None,
     nproc: Annotated[int, typer.Option(help="Local processes (gloo on CPU, NCCL on GPUs), as in a pod.")] = 1,
 ) -> None:
-    """Train locally: validates the config, then runs `python -m trainer` (with torchrun when --nproc > 1)."""
+    """Train locally: validates the config, then runs `python -m trainer` (with torchrun when --nproc > 1).
+
+    With `rollout.sglang.launch: true` an SGLang server is started first, as the pod's sidecar would be, and
+    stopped when training ends."""
     try:
-        _load(config, set)
+        cfg = _load(config, set)
     except UserError as e:
         raise _fail(e) from None
     if nproc < 1:
@@ -116,7 +120,76 @@ def run(
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "trainer", *args]  # fmt: skip
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    raise typer.Exit(subprocess.call(cmd, env=env))
+    with _Signals() as signals:
+        if cfg.rollout.engine != "sglang" or not cfg.rollout.sglang.launch:
+            raise typer.Exit(signals.run(cmd, env))
+        from launcher.local_sglang import LocalSGLang
+
+        try:
+            server = LocalSGLang(cfg, Path(cfg.output_dir) / "sglang.log")
+            if server.trainer_gpus is not None and nproc > len(server.trainer_gpus):
+                raise UserError("--nproc", f"{nproc} trainer processes but {len(server.trainer_gpus)} GPU(s) are "
+                                f"left for the trainer ({','.join(server.trainer_gpus)}; the SGLang server has "
+                                f"{','.join(server.server_gpus or [])})", hint="lower --nproc or "
+                                "cluster.rollout_gpus_per_node")  # fmt: skip
+            gpus = f", GPUs {','.join(server.server_gpus)}" if server.server_gpus else ""
+            print(f"starting the SGLang server: {' '.join(server.command())} (log {server.log_path}{gpus})",
+                  flush=True)  # fmt: skip
+            with server:
+                print(f"SGLang server ready at {server.url}", flush=True)
+                env = server.trainer_env(env)
+                env["USERLOOP_SGLANG_URL"] = server.url
+                code = signals.run(cmd, env)
+        except UserError as e:
+            raise _fail(e) from None
+        except _Interrupted as e:  # before the trainer started: the server is stopped on the way out
+            code = 128 + e.signum
+    raise typer.Exit(code)
+
+
+class _Interrupted(BaseException):
+    """SIGINT/SIGTERM reached the launcher before the trainer started (raised to unwind and stop the server)."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class _Signals:
+    """SIGINT and SIGTERM while ``launcher run``/``eval`` runs. While the trainer runs they are forwarded to it
+    (it is in a session of its own, so a terminal's Ctrl-C reaches it once, through here): on SIGTERM it
+    finishes its step, checkpoints and exits 143, and the launcher waits for it, then stops the server.
+    Before the trainer starts they raise ``_Interrupted`` (the server is stopped while unwinding); once it
+    has ended, or while unwinding, they are ignored so that nothing interrupts stopping the server."""
+
+    def __init__(self) -> None:
+        self.proc: subprocess.Popen | None = None
+        self.unwinding = False
+        self._old: dict[int, object] = {}
+
+    def __enter__(self) -> _Signals:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._old.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, _frame: object) -> None:
+        if self.proc is not None:
+            if self.proc.poll() is None:
+                self.proc.send_signal(signum)
+            return
+        if not self.unwinding:
+            self.unwinding = True
+            raise _Interrupted(signum)
+
+    def run(self, cmd: list[str], env: dict[str, str]) -> int:
+        """Run the trainer to its end; its exit code (128 + N when a signal N ended it)."""
+        self.proc = subprocess.Popen(cmd, env=env, start_new_session=True)
+        code = self.proc.wait()
+        return 128 - code if code < 0 else code
 
 
 @app.command("eval")
@@ -131,7 +204,10 @@ def eval_(
 
     try:
         cfg = _load(config, set, check_files=False)
-        result = api.evaluate(cfg, checkpoint=checkpoint, max_samples=max_samples)
+        if cfg.rollout.engine == "sglang" and cfg.rollout.sglang.launch:
+            result = _evaluate_with_local_sglang(cfg, checkpoint, max_samples)
+        else:
+            result = api.evaluate(cfg, checkpoint=checkpoint, max_samples=max_samples)
     except UserError as e:
         print(json.dumps({"status": "error", "message": e.render()}))
         raise typer.Exit(e.exit_code) from None
@@ -139,6 +215,31 @@ def eval_(
         print(json.dumps({"status": "error", "message": f"{type(e).__name__}: {e}"}))
         raise typer.Exit(1) from None
     print(json.dumps(result.to_dict()))
+
+
+def _evaluate_with_local_sglang(cfg, checkpoint: str, max_samples: int | None):
+    """``launcher eval`` with ``rollout.sglang.launch``: a server of its own, as ``run`` starts (stdout stays JSON)."""
+    from launcher.local_sglang import LocalSGLang
+    from trainer import api
+
+    server = LocalSGLang(cfg, Path(cfg.output_dir) / "sglang-eval.log")
+    print(f"starting the SGLang server (log {server.log_path})", file=sys.stderr, flush=True)
+    if server.trainer_gpus is not None:  # set before torch initialises CUDA in this process
+        os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(server.trainer_gpus)
+    # SIGTERM unwinds like Ctrl-C, so the server is stopped rather than left holding its GPU.
+    previous = signal.signal(signal.SIGTERM, _raise_interrupt)
+    try:
+        with server:
+            sg = cfg.rollout.sglang.model_copy(update={"url": server.url})
+            cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"sglang": sg})})
+            return api.evaluate(cfg, checkpoint=checkpoint, max_samples=max_samples)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _raise_interrupt(signum: int, _frame: object) -> None:
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # once: nothing interrupts stopping the server
+    raise KeyboardInterrupt
 
 
 @app.command("tiny-model")

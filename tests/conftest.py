@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
-QUICKSTART = REPO / "configs" / "quickstart.yaml"
+QUICKSTART = REPO / "configs" / "quickstart_single_turn.yaml"  # the one-turn GRPO config most tests build on
 
 
 @pytest.fixture(scope="session")

@@ -18,8 +18,14 @@ REPO = Path(__file__).resolve().parents[1]
 
 SECTIONS = {
     "grpo": ("## GRPO step throughput: userloop vs TRL vs the floor", "| full | floor |"),
-    "api": ("## API client throughput", "| calls from this process's `LoopThread` |"),
-    "checkpoint": ("## Checkpoint I/O", "| `checkpoint.save` |"),
+    "api": (
+        "## API client throughput",
+        "| the run's client: `ProcessApiClient` on this process's `LoopThread`",
+    ),
+    "checkpoint": (
+        "## Checkpoint I/O",
+        "| **step blocked by a background save** (`BackgroundSaver.start`) |",
+    ),
     "launcher": ("## Launcher cold start", "| `launcher --help` |"),
     "overlap": ("## Multi-turn overlap", "| L (s) |"),
     "gpu": ("## GPU (H200 class)", "MFU"),

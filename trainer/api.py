@@ -49,6 +49,8 @@ def train(cfg: RunConfig):
     """Run the configured algorithm; returns ``trainer.session.TrainResult``."""
     if cfg.algorithm.name == "sft":
         from trainer.sft import train as run
+    elif cfg.algorithm.name == "ppo":
+        from trainer.ppo import train as run
     else:
         from trainer.grpo import train as run
     return run(cfg)
@@ -58,11 +60,9 @@ def inspect_data(cfg: RunConfig, split: str = "train") -> DataResult:
     from trainer.data import load_dataset
 
     if cfg.data.generate is not None:
-        from trainer.tasks import write_task_files
+        from trainer.tasks import write_generated
 
-        g = cfg.data.generate
-        write_task_files(g.task, cfg.data.train.path, cfg.data.val.path if cfg.data.val else None,
-                         g.train_size, g.val_size, g.seed)  # fmt: skip
+        write_generated(cfg)
     ds = load_dataset(cfg.data, split)
     first = ds.rows[0]
     example = {"prompt": first["prompt"], "response": first["response"], "answer": first["answer"]}
@@ -80,12 +80,6 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path, max_samples: int | None = N
     from trainer.prompts import check_chat_template, encode_prompt
     from trainer.rewards import build_rewards
 
-    if cfg.environment.name != "single_turn":
-        raise UserError(
-            f"environment.name: {cfg.environment.name}",
-            "`launcher eval` scores single-turn completions; multi-turn episodes are evaluated during training",
-            hint="set eval.every_epochs or eval.every_steps and read eval/reward in logs/metrics.jsonl",
-        )
     quiet_libraries()
     path = Path(checkpoint)
     policy_dir = path / "policy" if (path / "policy").is_dir() else path
@@ -100,11 +94,46 @@ def evaluate(cfg: RunConfig, checkpoint: str | Path, max_samples: int | None = N
     if cfg.data.use_chat_template:
         check_chat_template(tokenizer, str(policy_dir))
     model = load_policy(cfg.model, device, policy_dir).eval()
+    # A fresh checkout evaluating a copied checkpoint: the generated validation set is the training run's.
+    if cfg.data.generate is not None:
+        from trainer.tasks import write_generated
+
+        write_generated(cfg)
     rows = load_dataset(cfg.data, "val").rows
     limit = max_samples or cfg.eval.max_samples
     rows = rows[:limit] if limit else rows
-    ids = [encode_prompt(tokenizer, r["prompt"], cfg.data.use_chat_template) for r in rows]
     engine = build_engine(cfg, model, tokenizer)
-    metrics = summarize(evaluate_rows(engine, rows, ids, cfg, build_rewards(cfg.rewards)))
+    if cfg.environment.name != "single_turn":
+        metrics = _evaluate_episodes(cfg, engine, tokenizer, rows, build_rewards(cfg.rewards))
+    else:
+        ids = [encode_prompt(tokenizer, r["prompt"], cfg.data.use_chat_template) for r in rows]
+        metrics = summarize(evaluate_rows(engine, rows, ids, cfg, build_rewards(cfg.rewards)))
+    if "eval/reward" not in metrics:
+        raise UserError(f"--checkpoint {checkpoint}", f"all {int(metrics.get('eval/invalid', 0))} evaluation "
+                        "episodes were invalid (API failures or unparseable judge replies): no reward to report",
+                        hint="check the user_simulator / judge endpoints, then run again")  # fmt: skip
     return EvalResult(checkpoint=str(path), samples=int(metrics["eval/samples"]), reward=metrics["eval/reward"],
                       accuracy=metrics.get("eval/accuracy"), metrics=metrics)  # fmt: skip
+
+
+def _evaluate_episodes(
+    cfg: RunConfig, engine, tokenizer, rows: list[dict[str, Any]], rewards
+) -> dict[str, float]:
+    """Multi-turn evaluation exactly as during training (``grpo._evaluate_episodes``): one episode per validation
+    row at ``rollout.eval_temperature`` with the configured user simulator and judges, through
+    ``EpisodeRunner.evaluate``. Invalid episodes are counted (``eval/invalid``), never scored."""
+    from trainer.envs import check_data
+    from trainer.llm import merge_snapshots
+    from trainer.rollout import EpisodeRunner
+
+    assert cfg.data.val is not None
+    check_data(cfg.environment, "val", rows, cfg.data.val.path)
+    # API calls of the evaluation go to the run's cache (api_cache.sqlite): evaluating twice pays once for judges.
+    runner = EpisodeRunner(cfg, engine, tokenizer, rewards, cfg.output_dir, cfg.algorithm.seed)
+    try:
+        metrics = runner.evaluate([(i, r, []) for i, r in enumerate(rows)], lambda sums: sums)
+        if runner.clients:  # api/calls, api/<role>/calls, latency, cost of the evaluation's own calls
+            metrics.update(merge_snapshots([c.stats for c in runner.clients], reset_window=True))
+    finally:
+        runner.close()
+    return metrics

@@ -4,16 +4,24 @@ A checkpoint is written into ``checkpoints/.tmp-step_N-<pid>/`` and renamed into
 every file is written and flushed, so a ``step_N`` directory is always complete; ``manifest.json``
 (written last) lists each file's size and SHA-256 and is checked on resume. A killed save leaves a
 ``.tmp-*`` directory that resume ignores and the next save removes. Only global rank 0 calls these.
+
+``BackgroundSaver`` overlaps a save with training (issue 6): at the save point it copies the weights,
+the optimizer state and the tokenizer's files into host memory (buffers allocated at the first save and
+reused), then runs the same ``save`` on those copies in a thread while the next steps train. One save
+is in flight at most; ``wait`` joins it and re-raises its ``CheckpointWriteError`` on the training thread.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
 import sys
+import tempfile
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +45,9 @@ def checkpoints_dir(output_dir: str | Path) -> Path:
 
 
 def save(output_dir: str | Path, step: int, model, tokenizer, state: dict[str, Any], config_yaml: str,
-         keep_last: int) -> Path:  # fmt: skip
+         keep_last: int, extra_models: dict[str, tuple[Any, dict[str, Any] | None]] | None = None) -> Path:  # fmt: skip
+    """``extra_models``: ``{name: (model, state)}`` written as ``<name>/`` (``save_pretrained``) with ``state`` (e.g.
+    its optimizer's) in ``<name>/training_state.pt``, inside the same atomic directory and manifest (PPO's critic)."""
     import torch
 
     root = checkpoints_dir(output_dir)
@@ -54,6 +64,10 @@ def save(output_dir: str | Path, step: int, model, tokenizer, state: dict[str, A
         model.save_pretrained(tmp / "policy", safe_serialization=True)
         tokenizer.save_pretrained(tmp / "policy")
         torch.save(state, tmp / "training_state.pt")
+        for name, (extra, extra_state) in (extra_models or {}).items():
+            extra.save_pretrained(tmp / name, safe_serialization=True)
+            if extra_state is not None:
+                torch.save(extra_state, tmp / name / "training_state.pt")
         (tmp / "config.yaml").write_text(config_yaml, encoding="utf-8")
         _write_manifest(tmp, step)
         _fsync_tree(tmp)
@@ -74,6 +88,143 @@ def save(output_dir: str | Path, step: int, model, tokenizer, state: dict[str, A
         ) from None  # fmt: skip
     prune(root, keep_last)
     return final
+
+
+class _HostModel:
+    """Stands in for the model in ``save``: writes the host copy of its weights, not the live (training) ones."""
+
+    def __init__(self, model, state_dict: dict[str, Any]):
+        self._model = model
+        self._state_dict = state_dict
+
+    def save_pretrained(self, path: Path, **kwargs: Any) -> None:
+        # PEFT filters the given state dict down to the adapter; transformers drops the tied duplicates.
+        self._model.save_pretrained(path, state_dict=self._state_dict, **kwargs)
+
+
+class _TokenizerFiles:
+    """Stands in for the tokenizer in ``save``: its files, serialised once (it never changes during a run).
+
+    The training thread keeps encoding while the writer runs; a fast tokenizer's Rust object refuses a
+    concurrent borrow ("Already borrowed"), so the writer never touches the live one.
+    """
+
+    def __init__(self, tokenizer):
+        with tempfile.TemporaryDirectory() as d:
+            tokenizer.save_pretrained(d)
+            self.files = {p.relative_to(d): p.read_bytes() for p in Path(d).rglob("*") if p.is_file()}
+
+    def save_pretrained(self, path: Path) -> None:
+        for rel, data in self.files.items():
+            (Path(path) / rel).parent.mkdir(parents=True, exist_ok=True)
+            (Path(path) / rel).write_bytes(data)
+
+
+class BackgroundSaver:
+    """Host snapshot at the save point, ``save`` in a thread; at most one save in flight.
+
+    ``start`` waits for the previous save first (so its buffers are free again and its error is not lost),
+    copies, and returns; ``wait`` joins and raises the write's ``CheckpointWriteError``, if any. Host
+    buffers are kept between saves: the copy then costs one memcpy of the weights (and, for full fine-tuning,
+    AdamW's two moments), not fresh allocations and page faults every time.
+    """
+
+    def __init__(self) -> None:
+        self._buffers: dict[str, Any] = {}
+        self._tokenizer: tuple[int, _TokenizerFiles] | None = None
+        self._thread: threading.Thread | None = None
+        self._result: Path | BaseException | None = None
+        self.snapshot_s = 0.0  # training-thread time of the last snapshot (what a step waits for)
+
+    @property
+    def in_flight(self) -> bool:
+        """A save was started and not yet joined (it may have finished writing)."""
+        return self._thread is not None
+
+    @property
+    def writing(self) -> bool:
+        """The writer thread is still at work."""
+        return self._thread is not None and self._thread.is_alive()
+
+    def start(self, output_dir: str | Path, step: int, model, tokenizer, state: dict[str, Any],
+              config_yaml: str, keep_last: int,
+              extra_models: dict[str, tuple[Any, dict[str, Any] | None]] | None = None) -> None:  # fmt: skip
+        self.wait()
+        t0 = time.perf_counter()
+        host_model = _HostModel(model, self._copy_model(model))
+        host_state = self._copy("state", state)
+        host_extra = {name: (_HostModel(m, self._copy_model(m, name)), self._copy(f"{name}/state", st))
+                      for name, (m, st) in (extra_models or {}).items()}  # fmt: skip
+        if self._tokenizer is None or self._tokenizer[0] != id(tokenizer):
+            self._tokenizer = (id(tokenizer), _TokenizerFiles(tokenizer))
+        files = self._tokenizer[1]
+        self.snapshot_s = time.perf_counter() - t0
+
+        def run() -> None:
+            # The lowest CPU priority for this thread only (Linux: a thread id is a PRIO_PROCESS target). On a
+            # CPU-bound host the write's serialisation and hashing then take the cycles training leaves, instead
+            # of descheduling one of torch's OpenMP threads, which stalls every parallel region at its barrier.
+            with contextlib.suppress(OSError, AttributeError):
+                os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 19)
+            try:
+                self._result = save(output_dir, step, host_model, files, host_state, config_yaml, keep_last,
+                                    host_extra)  # fmt: skip
+            except BaseException as e:  # re-raised on the training thread by wait()
+                self._result = e
+
+        self._result = None
+        self._thread = threading.Thread(target=run, name=f"userloop-save-{step}", daemon=True)
+        self._thread.start()
+
+    def wait(self) -> Path | None:
+        """Join the save in flight (if any); its path, or its error raised here."""
+        if self._thread is None:
+            return None
+        self._thread.join()
+        self._thread = None
+        result, self._result = self._result, None
+        if isinstance(result, BaseException):
+            raise result
+        return result
+
+    def _copy_model(self, model, prefix: str = "model") -> dict[str, Any]:
+        import torch
+
+        # Frozen weights (a LoRA run's base model) never change: they are referenced, not copied. Tied weights
+        # (embeddings and LM head) stay one tensor, so the file holds them once, as save_pretrained writes them.
+        frozen = {p.data_ptr() for p in model.parameters() if not p.requires_grad}
+        out: dict[str, Any] = {}
+        seen: dict[tuple[int, tuple[int, ...]], torch.Tensor] = {}
+        for name, t in model.state_dict().items():
+            key = (t.data_ptr(), tuple(t.shape))
+            if key in seen:
+                out[name] = seen[key]
+            elif t.data_ptr() in frozen and t.device.type == "cpu":
+                out[name] = seen[key] = t
+            else:
+                out[name] = seen[key] = self._buffer(f"{prefix}/{name}", t)
+        return out
+
+    def _copy(self, path: str, value: Any) -> Any:
+        import torch
+
+        if isinstance(value, torch.Tensor):
+            return self._buffer(path, value)
+        if isinstance(value, dict):
+            return {k: self._copy(f"{path}/{k}", v) for k, v in value.items()}
+        if type(value) in (list, tuple):
+            return type(value)(self._copy(f"{path}/{i}", v) for i, v in enumerate(value))
+        return value  # numbers, strings: immutable; the other containers are rebuilt at every save
+
+    def _buffer(self, key: str, t: Any) -> Any:
+        import torch
+
+        buf = self._buffers.get(key)
+        if buf is None or buf.shape != t.shape or buf.dtype != t.dtype:
+            buf = torch.empty(t.shape, dtype=t.dtype, device="cpu", pin_memory=t.is_cuda)
+            self._buffers[key] = buf
+        buf.copy_(t.detach())
+        return buf
 
 
 def prune(root: Path, keep_last: int) -> None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 import torch.nn.functional as F
@@ -36,24 +36,26 @@ class RolloutBatch:
     attention_mask: torch.Tensor  # [B, T] 1 on real tokens
     # [B, T-1] 1 where the *target* token (input_ids[:, 1:]) is an agent-generated token
     loss_mask: torch.Tensor
-    advantages: torch.Tensor  # [B] one advantage per sequence (GRPO is outcome-level)
+    # [B] one advantage per sequence (episode-level GRPO), or [B, T-1] one per target token (turn-level GRPO, PPO)
+    advantages: torch.Tensor
     old_logp: torch.Tensor | None  # [B, T-1] log-probs at sampling time; None when equal to the current ones
+    # [B, T-1] the rollout engine's log-prob of each target token (0 off the loss mask); None when it reports none
+    engine_logp: torch.Tensor | None = None
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
 
     def split(self, parts: int) -> list[RolloutBatch]:
+        """``parts`` micro-batches of consecutive rows; every tensor field is sliced (subclasses add fields)."""
         size = -(-len(self) // parts)
         return [
-            RolloutBatch(
-                self.input_ids[i : i + size],
-                self.attention_mask[i : i + size],
-                self.loss_mask[i : i + size],
-                self.advantages[i : i + size],
-                None if self.old_logp is None else self.old_logp[i : i + size],
-            )
+            replace(self, **{f.name: _rows(getattr(self, f.name), i, size) for f in fields(self)})
             for i in range(0, len(self), size)
         ]
+
+
+def _rows(value: torch.Tensor | None, start: int, size: int) -> torch.Tensor | None:
+    return None if value is None else value[start : start + size]
 
 
 def group_advantages(rewards: list[float | None], group_size: int, eps: float = 1e-6) -> list[float | None]:
@@ -72,9 +74,55 @@ def group_advantages(rewards: list[float | None], group_size: int, eps: float = 
     return out
 
 
-def collate(sequences: list[list[int]], masks: list[list[int]], advantages: list[float], pad_id: int,
-            device) -> RolloutBatch:  # fmt: skip
-    """Right-pad token sequences; ``masks[i][t]`` is 1 where token t of sequence i is trained."""
+def turn_advantages(trajectories: list[Trajectory], group_size: int, gamma: float,
+                    eps: float = 1e-6) -> list[list[float] | None]:  # fmt: skip
+    """Turn-level credit (``algorithm.advantage: turn``): one advantage per agent turn of each episode.
+
+    Each turn's return is the discounted sum of the turn rewards from that turn on, G_k = r_k + gamma * G_{k+1}
+    (UserRL's reward-to-go over turns), and is normalised within its group *per turn position*: turn k of an
+    episode is compared with turn k of the group's other valid episodes, (G_k - mean_k) / std_k. So a good
+    first question is rewarded even in an episode whose later turns went badly, which the episode-level
+    advantage (one number for all its turns) cannot do. A turn position that fewer than two valid members
+    reached (the others ended earlier) has nothing to compare with: advantage 0. None: as ``group_advantages``.
+    """
+    returns: list[list[float] | None] = []
+    for t in trajectories:
+        if t.reward is None:
+            returns.append(None)
+            continue
+        g, out = 0.0, []
+        for r in reversed(t.turn_rewards):
+            g = r + gamma * g
+            out.append(g)
+        returns.append(out[::-1])
+    advantages: list[list[float] | None] = []
+    for start in range(0, len(returns), group_size):
+        group = returns[start : start + group_size]
+        valid = [g for g in group if g is not None]
+        if len(valid) < 2:
+            advantages += [None] * len(group)
+            continue
+        stats = {}
+        for k in range(max(len(g) for g in valid)):
+            at_k = [g[k] for g in valid if len(g) > k]
+            if len(at_k) >= 2:
+                stats[k] = (statistics.fmean(at_k), statistics.pstdev(at_k))
+        for g in group:
+            if g is None:
+                advantages.append(None)
+                continue
+            advantages.append([0.0 if k not in stats or stats[k][1] < eps else (gk - stats[k][0]) / stats[k][1]
+                               for k, gk in enumerate(g)])  # fmt: skip
+    return advantages
+
+
+def collate(sequences: list[list[int]], masks: list[list[int]], advantages: list[float] | list[list[float]],
+            pad_id: int, device) -> RolloutBatch:  # fmt: skip
+    """Right-pad token sequences; ``masks[i][t]`` is 1 where token t of sequence i is trained.
+
+    ``advantages[i]`` is one float per sequence, or a list with one value per token of sequence i (per-token
+    advantages; shifted like the mask).
+    """
     width = max(len(s) for s in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     attn = torch.zeros((len(sequences), width), dtype=torch.long)
@@ -84,19 +132,42 @@ def collate(sequences: list[list[int]], masks: list[list[int]], advantages: list
         attn[i, : len(s)] = 1
         # Target position t predicts token t+1, so the mask shifts left by one.
         mask[i, : len(s) - 1] = torch.tensor(m[1:], dtype=torch.float32)
-    adv = torch.tensor(advantages, dtype=torch.float32)
+    if advantages and isinstance(advantages[0], list):
+        adv = torch.zeros((len(sequences), width - 1), dtype=torch.float32)
+        for i, a in enumerate(advantages):
+            adv[i, : len(a) - 1] = torch.tensor(a[1:], dtype=torch.float32)  # type: ignore[index]
+    else:
+        adv = torch.tensor(advantages, dtype=torch.float32)
     return RolloutBatch(ids.to(device), attn.to(device), mask.to(device), adv.to(device), None)
 
 
-def trajectory_batch(trajectories: list[Trajectory], advantages: list[float | None], pad_id: int,
-                     device) -> RolloutBatch:  # fmt: skip
+def trajectory_batch(trajectories: list[Trajectory], advantages: list[float | None] | list[list[float] | None],
+                     pad_id: int, device) -> RolloutBatch:  # fmt: skip
     """Excluded episodes (advantage None) stay in the batch with an all-zero mask: every process then runs the
     same micro-batches (DDP needs that), and they add nothing to the loss or to its token count."""
     masks = [
         t.loss_mask if a is not None else [0] * len(t.loss_mask)
         for t, a in zip(trajectories, advantages, strict=True)
     ]
+    if any(isinstance(a, list) for a in advantages):  # per turn (``turn_advantages``): spread over its tokens
+        per_token = []
+        for t, a in zip(trajectories, advantages, strict=True):
+            values = [0.0] * len(t.token_ids)
+            for (start, end), v in zip(t.turn_spans, a or [], strict=False):
+                values[start:end] = [v] * (end - start)
+            per_token.append(values)
+        return collate([t.token_ids for t in trajectories], masks, per_token, pad_id, device)
     return collate([t.token_ids for t in trajectories], masks, [a or 0.0 for a in advantages], pad_id, device)
+
+
+def engine_logprobs(trajectories: list[Trajectory], batch: RolloutBatch) -> torch.Tensor | None:
+    """``RolloutBatch.engine_logp`` from the trajectories' per-token engine log-probs (shifted like the mask)."""
+    if any(t.engine_logprobs is None for t in trajectories):
+        return None
+    out = torch.zeros(batch.loss_mask.shape, dtype=torch.float32)
+    for i, t in enumerate(trajectories):
+        out[i, : len(t.token_ids) - 1] = torch.tensor(t.engine_logprobs[1:], dtype=torch.float32)
+    return out.to(batch.loss_mask.device)
 
 
 def token_logprobs(model, batch: RolloutBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -116,7 +187,8 @@ def policy_loss(session: Session, batch: RolloutBatch, cfg: RunConfig, n_tokens:
     logp, logp_all = token_logprobs(session.model, batch, cfg.rollout.temperature)
     old = batch.old_logp if batch.old_logp is not None else logp.detach()
     ratio = torch.exp(logp - old)
-    adv = batch.advantages.unsqueeze(1)
+    adv = batch.advantages  # [B, T-1] per token, or [B] per sequence: broadcast over its tokens
+    adv = adv if adv.dim() == 2 else adv.unsqueeze(1)
     clipped = torch.clamp(ratio, 1 - algo.clip_range, 1 + algo.clip_range)
     pg = -torch.minimum(ratio * adv, clipped * adv)
     per_token = pg
@@ -140,6 +212,8 @@ def policy_loss(session: Session, batch: RolloutBatch, cfg: RunConfig, n_tokens:
             "kl": float((kl.detach() * mask).sum() / n_tokens),
             "clip_frac": float((((ratio - 1).abs() > algo.clip_range).float() * mask).sum() / n_tokens),
         }
+        if batch.engine_logp is not None:  # ``old`` is the pre-update policy: it sampled these tokens
+            stats["rollout/logprob_diff"] = float(((old - batch.engine_logp).abs() * mask).sum() / n_tokens)
     return loss, stats
 
 
@@ -152,21 +226,32 @@ def reference_logprobs(session: Session, batch: RolloutBatch, temperature: float
         return token_logprobs(session.model, batch, temperature)[0]
 
 
+def reference_model(session: Session):
+    """The frozen model of the KL term: a second full copy; None without KL or with LoRA (adapter disabled)."""
+    cfg = session.cfg
+    if cfg.algorithm.kl_coef == 0 or cfg.model.lora.enabled:
+        return None
+    from trainer.model import load_reference
+
+    return load_reference(cfg.model, session.device)
+
+
+def episode_runner(session: Session) -> tuple[EpisodeRunner, SamplingParams]:
+    """The runner that plays this process's episodes, and the sampling parameters of training rollouts."""
+    cfg = session.cfg
+    runner = EpisodeRunner(cfg, session.engine, session.tokenizer, session.rewards, str(session.output_dir),
+                           cfg.algorithm.seed + session.rank)  # fmt: skip
+    r = cfg.rollout
+    return runner, SamplingParams(r.max_new_tokens, r.temperature, r.top_p, r.top_k)
+
+
 def train(cfg: RunConfig) -> TrainResult:
     session = Session.start(cfg)
     algo, tok = cfg.algorithm, session.tokenizer
-    ref_model = None
-    if algo.kl_coef > 0 and not cfg.model.lora.enabled:
-        from trainer.model import load_reference
-
-        ref_model = load_reference(cfg.model, session.device)
-    runner = EpisodeRunner(
-        cfg, session.engine, tok, session.rewards, str(session.output_dir), algo.seed + session.rank
-    )
+    ref_model = reference_model(session)
+    runner, params = episode_runner(session)
     try:
         _prepare(session, runner)
-        params = SamplingParams(cfg.rollout.max_new_tokens, cfg.rollout.temperature, cfg.rollout.top_p,
-                                cfg.rollout.top_k)  # fmt: skip
         metrics: dict = {}
         for rows in session.batches():
             # 1. Rollouts: group_size episodes per prompt, all concurrent.
@@ -176,10 +261,13 @@ def train(cfg: RunConfig) -> TrainResult:
 
             session.preemption_point()  # after SIGTERM: drop this step before it touches the weights
 
-            # 2. Group-normalised advantages over the valid episodes.
-            rewards = [t.reward for t in trajectories]
-            advantages = group_advantages(rewards, algo.group_size)
+            # 2. Group-normalised advantages over the valid episodes: one per episode, or one per agent turn.
+            if algo.advantage == "turn":
+                advantages = turn_advantages(trajectories, algo.group_size, algo.turn_gamma)
+            else:
+                advantages = group_advantages([t.reward for t in trajectories], algo.group_size)
             batch = trajectory_batch(trajectories, advantages, tok.pad_token_id, session.device)
+            batch.engine_logp = engine_logprobs(trajectories, batch)  # for rollout/logprob_diff
             n_tokens = session.loss_denominator(
                 float(batch.loss_mask.sum())
             )  # every token counts once, any rank
@@ -199,13 +287,16 @@ def train(cfg: RunConfig) -> TrainResult:
                     for k, v in stats.items():
                         step_stats[k] = step_stats.get(k, 0.0) + v
                 grad_norm = session.optimizer_step()
+            t_sync = time.perf_counter()
             session.engine.sync_weights(session.state.step + 1)
+            t_sync = time.perf_counter() - t_sync
             t_update = time.perf_counter() - t1
 
             # 4. Metrics (averaged over processes), log, eval, checkpoint, stop.
             local = {**step_stats, **_rollout_metrics(trajectories, advantages, session.world), "grad_norm": grad_norm,
                      "time/generate_s": t_gen, "time/update_s": t_update}  # fmt: skip
             local.update(_summed(runner.step_metrics(trajectories), session.world))
+            local["time/weight_sync_s"] = t_sync
             metrics = session.reduce_mean(local)
             if session.is_main and not runner.single_turn:
                 write_samples(session.logger.logs / "episodes.jsonl", session.state.step + 1, trajectories)
@@ -242,10 +333,10 @@ def _evaluate_episodes(session: Session, runner: EpisodeRunner) -> dict[str, flo
 
 
 def _rollout_metrics(
-    trajectories: list[Trajectory], advantages: list[float | None], world: int
+    trajectories: list[Trajectory], advantages: list[float | None] | list[list[float] | None], world: int
 ) -> dict[str, float]:
     valid = [t.reward for t in trajectories if t.reward is not None]
-    used = [a for a in advantages if a is not None]
+    used = [x for a in advantages if a is not None for x in (a if isinstance(a, list) else [a])]
     out = {
         "reward/mean": statistics.fmean(valid) if valid else 0.0,
         "reward/std": statistics.pstdev(valid) if valid else 0.0,
@@ -283,6 +374,7 @@ def _should_stop(session: Session, runner: EpisodeRunner) -> bool:
         return False
     if session.saved_step != session.state.step:  # the same on every rank: save() is a collective
         session.save()
+    session.wait_for_save()  # this step's checkpoint may still be writing in the background
     if flags["invalid"]:
         error = runner.invalid_error()
         session.logger.info(f"stopping: {error.render()}")

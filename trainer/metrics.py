@@ -13,6 +13,10 @@ Metric keys (metrics.jsonl, one JSON object per step; README documents each):
 ``truncated``), ``time/rollout_s``, ``time/engine_busy_s``, ``time/engine_idle_s`` (rollout time the
 engine had no generation to do: waiting for the API) and, with a user simulator or judge, ``api/*``
 (``trainer.llm.stats``); the step line shows the invalid episodes, the API calls and latency, and the idle time.
+PPO adds ``loss/value``, ``value/clip_frac``, ``value/mean``, ``value/explained_variance``, ``adv/mean`` and
+``critic/grad_norm``, and its step line reads like our users' PPO scripts:
+``PL:0.3245 VL:0.1234 R:1.56 A:0.23 E:0.678 LR:1.00e-06`` (policy loss, value loss, reward, mean advantage
+before whitening, entropy, learning rate).
 Only global rank 0 writes.
 """
 
@@ -46,6 +50,11 @@ def _fmt(value: float) -> str:
 def step_line(m: dict[str, Any], total_steps: int, total_epochs: int, eta_s: float) -> str:
     parts = [f"step {m['step']}/{total_steps} epoch {m['epoch']}/{total_epochs}"]
     stats = []
+    if "loss/value" in m:  # PPO: the columns of the seeds' PPO scripts, so their greps and eyes still work
+        stats.append(f"PL:{m['loss/policy']:.4f} VL:{m['loss/value']:.4f} R:{m['reward/mean']:.2f} "
+                     f"A:{m['adv/mean']:.2f} E:{m['entropy']:.3f} LR:{m['lr']:.2e}")  # fmt: skip
+        shown = ("loss/policy", "reward/mean", "adv/abs_mean", "entropy", "lr")
+        m = {k: v for k, v in m.items() if k not in shown}
     if "loss/sft" in m:
         stats.append(f"loss {_fmt(m['loss/sft'])}")
     if "loss/policy" in m:
@@ -55,7 +64,8 @@ def step_line(m: dict[str, Any], total_steps: int, total_epochs: int, eta_s: flo
     for key, label in (("adv/abs_mean", "adv"), ("entropy", "entropy"), ("kl", "kl")):
         if key in m:
             stats.append(f"{label} {_fmt(m[key])}")
-    stats.append(f"lr {m['lr']:.1e}")
+    if "lr" in m:
+        stats.append(f"lr {m['lr']:.1e}")
     parts.append(" ".join(stats))
     # With a user simulator or judge: episodes lost to API failures, the API's health, the engine's idle time.
     if "episodes/invalid" in m and ("api/calls" in m or m.get("episodes/invalid_total")):

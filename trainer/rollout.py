@@ -68,6 +68,15 @@ class Trajectory:
     malformed_actions: int = 0
     truncated: bool = False  # ended by environment.max_episode_tokens
     messages: list[Message] = field(default_factory=list)  # the conversation as text (judges, debugging)
+    # [K] the [start, end) range of each agent turn in token_ids (K = agent turns generated)
+    turn_spans: list[tuple[int, int]] = field(default_factory=list)
+    # [K] reward credited to each agent turn (``algorithm.advantage: turn``, PPO): the environment's turn reward
+    # (0 where it scored none), the episode's other rewards (``rewards``, ``llm_judge``) added to the last turn.
+    # Sums to ``reward`` when ``environment.score`` is ``sum`` and for ``single_turn``; [] when invalid.
+    turn_rewards: list[float] = field(default_factory=list)
+    # [T] the engine's log-prob of each agent token at sampling time (0 on context); None when the engine
+    # reports none (HF). Compared with the trainer's own in ``rollout/logprob_diff``.
+    engine_logprobs: list[float] | None = None
 
 
 class GenerationBatcher:
@@ -81,6 +90,10 @@ class GenerationBatcher:
 
     ``busy_s`` is the engine's time in ``generate``; a rollout's wall time minus it is the time the
     engine sat idle waiting for the API (``time/engine_idle_s``).
+
+    An engine with ``async agenerate(ids, params)`` (an HTTP server: SGLang) is awaited directly on the
+    event loop instead: every episode's request is in flight at once (the engine bounds them) and the server
+    batches; ``busy_s`` is then the time at least one request was in flight.
     """
 
     def __init__(self, engine: RolloutEngine, loop: asyncio.AbstractEventLoop):
@@ -91,9 +104,14 @@ class GenerationBatcher:
         self._jobs: queue.SimpleQueue = queue.SimpleQueue()
         self.busy_s = 0.0
         self.batches = 0
+        self._agenerate = getattr(engine, "agenerate", None)
+        self._requests = 0  # in flight through agenerate
+        self._busy_since = 0.0
 
     async def generate(self, ids: list[int], params: SamplingParams) -> Completion:
         """One sample for ``ids`` (called from episode tasks on the event loop)."""
+        if self._agenerate is not None:
+            return await self._remote(ids, params)
         fut: asyncio.Future[Completion] = self.loop.create_future()
         self._pending.append((ids, params, fut))
         if not self._in_flight:
@@ -101,6 +119,18 @@ class GenerationBatcher:
             # Scheduled behind the tasks already ready in this tick, so their requests join this batch.
             self.loop.call_soon(self._dispatch)
         return await fut
+
+    async def _remote(self, ids: list[int], params: SamplingParams) -> Completion:
+        if self._requests == 0:
+            self._busy_since = time.perf_counter()
+        self._requests += 1
+        try:
+            return await self._agenerate(ids, params)
+        finally:
+            self._requests -= 1
+            if self._requests == 0:
+                self.busy_s += time.perf_counter() - self._busy_since
+                self.batches += 1
 
     def _dispatch(self) -> None:
         live = [p for p in self._pending if not p[2].done()]
@@ -269,11 +299,16 @@ class EpisodeRunner:
         limit = self.cfg.environment.max_episode_tokens
         last: Completion | None = None
         truncated = False
+        spans: list[tuple[int, int]] = []
+        step_rewards: list[float] = []
+        logprobs: list[float] | None = [0.0] * len(ids)
         while not episode.done:
             if last is not None and len(ids) + params.max_new_tokens > limit:
                 truncated = True  # scored on the turns so far, like an episode that ran out of turns
                 break
             last = await self.batcher.generate(ids, params)
+            spans.append((len(ids), len(ids) + len(last.completion_ids)))
+            logprobs = None if logprobs is None or last.logprobs is None else logprobs + last.logprobs
             ids += last.completion_ids
             mask += [1] * len(last.completion_ids)
             text = (
@@ -283,17 +318,26 @@ class EpisodeRunner:
             )
             messages.append({"role": "assistant", "content": text})
             step = await episode.step(text)
+            step_rewards.append(step.reward or 0.0)
             if step.done or self.template is None:
                 break
             context = self.template.observation_ids(step.observation, last.completion_ids)
             ids += context
             mask += [0] * len(context)
+            logprobs = None if logprobs is None else logprobs + [0.0] * len(context)
             messages += step.observation
         assert last is not None
         result = episode.result()
         reward, parts, invalid = await self._score(row, result, messages, last, sum(mask))
+        turn_rewards: list[float] = []
+        if reward is not None:
+            # The rest of the reward (`rewards`, judges; all of it for single_turn, whose step reward is None)
+            # is the episode's outcome: credited to the last turn.
+            env_part = 0.0 if self.single_turn else (result.score or 0.0)
+            turn_rewards = [*step_rewards[:-1], step_rewards[-1] + reward - env_part]
         return Trajectory(ids, mask, reward, parts, invalid, result.turns, sum(mask), last.finished,
-                          result.malformed_actions, truncated, messages)  # fmt: skip
+                          result.malformed_actions, truncated, messages, turn_spans=spans,
+                          turn_rewards=turn_rewards, engine_logprobs=logprobs)  # fmt: skip
 
     async def _score(self, row: dict, result: EpisodeResult, messages: list[Message], last: Completion,
                      agent_tokens: int) -> tuple[float | None, dict[str, float | None], str | None]:  # fmt: skip
@@ -377,6 +421,10 @@ class EpisodeRunner:
         async def _close() -> None:
             for c in self.clients:
                 await c.aclose()
+            aclose = getattr(self.batcher.engine, "aclose", None)
+            if aclose is not None:  # an HTTP engine's clients: the run's (on this loop), then its own
+                await aclose()
+                self.batcher.engine.close()
 
         try:
             self.loop.run(_close(), timeout=30)

@@ -89,8 +89,13 @@ class Session:
         self._sigterm_at: float | None = None
         self._step_rng: dict[str, Any] = {}
         self.saved_step = -1  # step of the last checkpoint this process took part in (same on every rank)
+        self._saver = checkpoint.BackgroundSaver()  # rank 0's writer thread; at most one save in flight
+        self._save_pending = False  # a background save was started and not yet joined (same on every rank)
         # Algorithms whose evaluation is not single-turn generation (multi-turn episodes) set their own.
         self.evaluator: Callable[[], dict[str, float]] | None = None
+        # Models trained beside the policy (PPO's critic), by name: each checkpoint holds <name>/ with its weights
+        # and its optimizer's state; the algorithm restores them from resume_from/<name>/.
+        self.extra_models: dict[str, tuple[torch.nn.Module, torch.optim.Optimizer]] = {}
 
     # ------------------------------------------------------------------ setup
 
@@ -121,11 +126,9 @@ class Session:
     def _load_inputs(self) -> None:
         cfg = self.cfg
         if cfg.data.generate is not None and self.is_main:
-            from trainer.tasks import write_task_files
+            from trainer.tasks import write_generated
 
-            g = cfg.data.generate
-            write_task_files(g.task, cfg.data.train.path, cfg.data.val.path if cfg.data.val else None,
-                             g.train_size, g.val_size, g.seed)  # fmt: skip
+            write_generated(cfg)
         if self.is_main:
             ensure_model(cfg.model)
         self.accelerator.wait_for_everyone()
@@ -184,7 +187,6 @@ class Session:
         optimizer = torch.optim.AdamW(params, lr=cfg.algorithm.lr, weight_decay=cfg.algorithm.weight_decay)
         self.model, self.optimizer = self.accelerator.prepare(model, optimizer)
         self.policy = unwrap(self.model)
-        self.engine = build_engine(cfg, self.model, self.tokenizer)
         self.state = TrainState()
         self.schedule = LRSchedule(cfg.algorithm, self.total_steps)
         self._seed_rngs()
@@ -197,6 +199,10 @@ class Session:
             if rng is not None:
                 _set_rng_state(rng)
         self.schedule.apply(self.optimizer, self.state.step, self.state.lr_scale)
+        # After resume: an SGLang server must sample from the resumed weights from the first rollout on. One
+        # process per node (its local rank 0) hands them to that node's server; _any_rank is the barrier.
+        self.engine = build_engine(cfg, self.model, self.tokenizer, self.state.step, self._any_rank,
+                                   self.accelerator.local_process_index == 0, f"r{self.rank}")  # fmt: skip
 
     def _seed_rngs(self) -> None:
         seed = self.cfg.algorithm.seed + 1000 * self.rank  # different samples on each rank
@@ -256,6 +262,7 @@ class Session:
                          f"with {EXIT_PREEMPTED} (retryable; grace {self.cfg.checkpoint.grace_s:.0f}s)")  # fmt: skip
         if self.saved_step != self.state.step:  # the grace period is short: never write the same step twice
             self.save()
+        self.wait_for_save()  # the step's background save may still be writing
         self.logger.close()
         raise SystemExit(EXIT_PREEMPTED)
 
@@ -331,7 +338,7 @@ class Session:
         if (ck.save_every_steps and st.step % ck.save_every_steps == 0) or (
             ck.save_every_epochs and epoch_done and st.epoch % ck.save_every_epochs == 0
         ):
-            self.save()
+            self.save(background=ck.background)
         self.schedule.apply(self.optimizer, st.step, st.lr_scale)
         if self._any_rank(self._preempted):
             self._exit_preempted("step finished")
@@ -345,6 +352,9 @@ class Session:
         return bool(self.accelerator.reduce(t, reduction="sum").item() > 0)
 
     def evaluate(self) -> dict[str, float]:
+        # An engine outside the process must sample this step's weights: SFT never hands them over otherwise
+        # (GRPO/PPO already did after the step's update: a no-op then).
+        self.engine.sync_weights(self.state.step)
         if self.evaluator is not None:
             return self.evaluator()
         rows = self.val_rows[: self.cfg.eval.max_samples] if self.cfg.eval.max_samples else self.val_rows
@@ -387,7 +397,14 @@ class Session:
 
     # ------------------------------------------------------------------ checkpoints and the end
 
-    def save(self) -> Path | None:
+    def save(self, background: bool = False) -> Path | None:
+        """Checkpoint the current step (a collective); first joins the background save still in flight.
+
+        ``background``: rank 0 copies the state to host memory and returns while a thread writes it (the path
+        is logged when it is joined: at the next save, on SIGTERM or in ``finish``); returns None. A failed
+        background write raises its ``CheckpointWriteError`` at that join, on every rank.
+        """
+        self.wait_for_save()
         rng = _get_rng_state()
         states = [rng]
         if self.world > 1:
@@ -398,9 +415,14 @@ class Session:
             state = {"state": asdict(self.state), "optimizer": self.optimizer.state_dict(), "rng": states,
                      "config": self.cfg.model_dump(mode="json")}  # fmt: skip
             try:
-                path = checkpoint.save(self.output_dir, self.state.step, self.policy, self.tokenizer, state,
-                                       dump_config(self.cfg), self.cfg.checkpoint.keep_last)  # fmt: skip
-                self.logger.info(f"checkpoint {path}")
+                extra = {name: (unwrap(m), opt.state_dict()) for name, (m, opt) in self.extra_models.items()}
+                if background:
+                    self._saver.start(self.output_dir, self.state.step, self.policy, self.tokenizer, state,
+                                      dump_config(self.cfg), self.cfg.checkpoint.keep_last, extra)  # fmt: skip
+                else:
+                    path = checkpoint.save(self.output_dir, self.state.step, self.policy, self.tokenizer,
+                                           state, dump_config(self.cfg), self.cfg.checkpoint.keep_last, extra)  # fmt: skip
+                    self.logger.info(f"checkpoint {path}")
             except checkpoint.CheckpointWriteError as e:
                 error = e
         # Doubles as the barrier after the save: every rank learns whether rank 0 could write.
@@ -409,13 +431,33 @@ class Session:
                 str(self.output_dir), "rank 0 could not write a checkpoint"
             )
         self.saved_step = self.state.step
+        self._save_pending = background
         return path
+
+    def wait_for_save(self) -> None:
+        """Join the background save in flight, if any (a collective: every rank learns whether it failed)."""
+        if not self._save_pending:
+            return
+        self._save_pending = False
+        error = None
+        if self.is_main:
+            try:
+                path = self._saver.wait()
+                self.logger.info(f"checkpoint {path} (written while training: the step waited "
+                                 f"{self._saver.snapshot_s:.2f}s for the host copy)")  # fmt: skip
+            except checkpoint.CheckpointWriteError as e:
+                error = e
+        if self._any_rank(error is not None):
+            raise error or checkpoint.CheckpointWriteError(
+                str(self.output_dir), "rank 0 could not write a checkpoint"
+            )
 
     def finish(self, last_metrics: dict[str, Any] | None = None) -> TrainResult:
         cfg = self.cfg
         # Every rank takes the same branch: save() is a collective.
         if cfg.checkpoint.save_final and self.saved_step != self.state.step:
             self.save()
+        self.wait_for_save()
         latest = checkpoint.latest(self.output_dir, verify=False) if self.is_main else None
         if self.is_main and cfg.logging.plots and self.logger.metrics_path.exists():
             write_plots(self.logger.metrics_path, self.output_dir / "plots")
@@ -431,8 +473,9 @@ class Session:
 
     def _check_replicas_in_sync(self) -> None:
         """DDP keeps one model on every rank; a mismatch means a bug or a rank that skipped a step."""
+        models = [self.policy, *(unwrap(m) for m, _ in self.extra_models.values())]  # PPO: the critic too
         local = torch.stack(
-            [p.detach().double().sum() for p in self.policy.parameters() if p.requires_grad]
+            [p.detach().double().sum() for m in models for p in m.parameters() if p.requires_grad]
         ).sum()
         spread = self.accelerator.gather(local.reshape(1).to(self.device))
         if float(spread.max() - spread.min()) > 1e-6 * max(1.0, float(spread.abs().max())):

@@ -1,8 +1,9 @@
 """Built-in synthetic tasks for the offline quickstart and tests.
 
-Each task writes JSONL rows with ``prompt``, ``response`` and ``answer`` (so the same file serves SFT
-and GRPO). They are small enough that the tiny random-initialised model learns them on a CPU in
-minutes: the answer is one short token sequence that depends on the prompt through a fixed rule.
+Each single-turn task writes JSONL rows with ``prompt``, ``response`` and ``answer`` (so the same file
+serves SFT and GRPO). They are small enough that the tiny random-initialised model learns them on a CPU
+in minutes: the answer is one short token sequence that depends on the prompt through a fixed rule.
+``seat-booking`` is the multi-turn one (IntentionGym format, ``trainer.envs.intentiongym_sample``).
 """
 
 from __future__ import annotations
@@ -12,6 +13,10 @@ import random
 import string
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from trainer.config.schema import RunConfig
 
 
 def _next_letter(rng: random.Random) -> dict:
@@ -38,6 +43,10 @@ TASKS: dict[str, Callable[[random.Random], dict]] = {
 }
 
 
+# Multi-turn tasks in IntentionGym format (``environment.name: intentiongym``), written by ``write_generated``.
+INTENTION_TASKS = ("seat-booking",)
+
+
 def generate_rows(task: str, n: int, seed: int) -> list[dict]:
     rng = random.Random(seed)
     return [TASKS[task](rng) for _ in range(n)]
@@ -56,6 +65,28 @@ def write_task_files(task: str, train_path: str | Path, val_path: str | Path | N
             for row in generate_rows(task, size, s):
                 f.write(json.dumps(row) + "\n")
         tmp.replace(path)
+
+
+def write_generated(cfg: RunConfig) -> None:
+    """Write ``cfg.data.generate``'s task where its files are missing: JSONL rows for the single-turn tasks;
+    for ``seat-booking`` (multi-turn, IntentionGym format) Parquet rows at ``data.*.path`` and the intention
+    JSON at ``environment.intentions`` / ``val_intentions``."""
+    g, data, env = cfg.data.generate, cfg.data, cfg.environment
+    if g is None:
+        return
+    if g.task in INTENTION_TASKS:
+        from trainer.envs.intentiongym_sample import write_seat_task
+
+        assert env.intentions is not None  # the config validator requires it for intentiongym
+        paths: dict[str, str | Path] = {"train": data.train.path, "train_intentions": env.intentions}
+        sizes = {"train": g.train_size}
+        if data.val is not None:
+            paths.update(val=data.val.path, val_intentions=env.val_intentions or env.intentions)
+            sizes["val"] = g.val_size
+        write_seat_task(paths, sizes, g.seed)
+        return
+    write_task_files(g.task, data.train.path, data.val.path if data.val else None, g.train_size, g.val_size,
+                     g.seed)  # fmt: skip
 
 
 def sample_corpus() -> list[str]:

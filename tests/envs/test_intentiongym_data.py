@@ -107,3 +107,33 @@ def test_bad_intention_files(tmp_path: Path, content: str, problem: str) -> None
 def test_missing_intention_file(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="intention file not found"):
         load_intentions(tmp_path / "nope.json")
+
+
+def test_seat_booking_tasks_fit_the_tiny_model_and_the_rule_judge(tmp_path: Path) -> None:
+    """The quickstart's premise: verl-format rows, and every option of every detail is one token of the tiny
+    vocabulary that the rule judge maps to exactly that detail (so a one-token question can score)."""
+    from trainer.envs.intentiongym import rule_covered
+    from trainer.envs.intentiongym_sample import SEAT_DETAILS, write_seat_task
+    from trainer.tiny import build_tokenizer
+
+    paths = {"train": tmp_path / "train.parquet", "val": tmp_path / "test.parquet",
+             "train_intentions": tmp_path / "i.json", "val_intentions": tmp_path / "i.json"}  # fmt: skip
+    write_seat_task(paths, {"train": 8, "val": 4})
+    intentions = load_intentions(tmp_path / "i.json")  # both splits' tasks in the one shared file
+    assert len(intentions) == 12
+    for split, n in (("train", 8), ("val", 4)):
+        rows = pq.read_table(paths[split]).to_pylist()
+        assert len(rows) == n and {r["data_source"] for r in rows} == {"interact_intention"}
+        check_rows(rows, intentions, str(paths[split]), str(paths["train_intentions"]))
+    details = next(iter(intentions.values())).details
+    assert sorted(d.description for d in details) == sorted(d[0] for d in SEAT_DETAILS)
+    tok = build_tokenizer()
+    for i, d in enumerate(details):
+        for option in d.options:
+            for text in (option, " " + option, option.upper()):  # "b", " b" and "B" are all single tokens
+                assert len(tok(text, add_special_tokens=False)["input_ids"]) == 1, text
+                assert rule_covered(text, details) == [i], (text, d.description)
+    assert rule_covered("x", details) == [] and rule_covered(" letter", details) == []
+    mtime = paths["train"].stat().st_mtime_ns
+    write_seat_task(paths, {"train": 8, "val": 4})  # existing data is kept (a resumed run)
+    assert paths["train"].stat().st_mtime_ns == mtime

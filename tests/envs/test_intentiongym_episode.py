@@ -102,6 +102,23 @@ def test_plain_text_ends_the_episode_unscored(sample: dict[str, Path]) -> None:
     assert episode.result().turn_rewards == [pytest.approx({3: 1.0, 2: 0.7, 1: 0.4}[detail.importance])]
 
 
+def test_text_action_ask_makes_a_plain_reply_the_question(sample: dict[str, Path]) -> None:
+    """``environment.text_action: ask``: plain text goes to the user and the judge as a tool call's content would."""
+    user = ScriptedClient(lambda m: "Sure.", role="user_simulator")
+    env = make_env(sample, user, judge_backend="rule", text_action="ask", max_turns=3)
+    episode = env.start(first_row(env))
+    detail = episode.intention.details[0]
+    step = run(episode.step(f"<think>which first?</think>{detail.inquiry}"))
+    assert not step.done and step.reward == pytest.approx({3: 1.0, 2: 0.7, 1: 0.4}[detail.importance])
+    assert step.observation == [{"role": "tool", "content": "Sure."}]
+    assert user.calls[-1][-1] == {"role": "user", "content": detail.inquiry}  # the think block is not asked
+    step = run(episode.step("Hello!"))  # a question about nothing: scored 0, answered
+    assert step.reward == 0.0 and not step.done
+    step = run(episode.step("   "))  # an empty question is still malformed
+    assert step.done and step.reward == 0.0 and episode.result().malformed_actions == 1
+    assert len(user.calls) == 2  # none on the last turn
+
+
 def test_api_judge_verdicts_and_prompts(sample: dict[str, Path]) -> None:
     user = ScriptedClient(lambda m: "I'd like the beach.")
     judge = ScriptedClient(['{"covered": [1, 2]}', '```json\n{"covered": []}\n```'])

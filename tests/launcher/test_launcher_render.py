@@ -136,6 +136,29 @@ def test_should_mount_dev_shm_and_the_pvc_in_both_containers() -> None:
         assert volumes[mounts["/mnt/userloop"]]["persistentVolumeClaim"]["claimName"] == "userloop-runs"
 
 
+def test_should_point_the_trainer_at_the_sidecar_and_the_shared_weights_volume() -> None:
+    _, rendered = _render(DATA / "sidecar.yaml")
+    spec = _pods(rendered)["Master"]
+    env = {e["name"]: e.get("value") for e in spec["containers"][0]["env"]}
+    assert env["USERLOOP_SGLANG_URL"] == "http://127.0.0.1:30000"
+    assert env["USERLOOP_WEIGHTS_DIR"] == "/weights"  # where rollout.sglang.weights_dir defaults to
+
+
+def test_checks_catch_a_broken_weight_hand_over_and_an_sglang_run_without_a_server() -> None:
+    cfg, rendered = _render(DATA / "sidecar.yaml")
+    bad = copy.deepcopy(rendered)
+    spec = bad.job["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]
+    sidecar = spec["initContainers"][0]
+    sidecar["volumeMounts"] = [m for m in sidecar["volumeMounts"] if m["mountPath"] != "/weights"]
+    problems = checks.semantic_problems(bad, cfg)
+    assert any("must mount the same volume at /weights" in p for p in problems), problems
+    cfg, rendered = _render(DATA / "sidecar.yaml", ["cluster.rollout_gpus_per_node=0"])
+    assert any("the pod runs no SGLang server" in p for p in checks.semantic_problems(rendered, cfg))
+    cfg, rendered = _render(DATA / "sidecar.yaml", ["cluster.rollout_gpus_per_node=0",
+                                                    "rollout.sglang.url=http://sglang.serving:30000"])  # fmt: skip
+    assert checks.semantic_problems(rendered, cfg) == []
+
+
 def test_should_point_output_dir_at_the_pvc_in_the_configmap() -> None:
     cfg, rendered = _render(DATA / "sidecar.yaml")
     (cm,) = rendered.by_kind("ConfigMap")

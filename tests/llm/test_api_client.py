@@ -1,9 +1,14 @@
-"""``ApiClient`` against a real ``transformers serve`` behind the fault proxy (litellm is not mocked)."""
+"""The API clients against a real ``transformers serve`` behind the fault proxy (litellm is not mocked).
+
+Every test runs twice: with ``ProcessApiClient`` (litellm in the API worker process, what a run uses) and
+with ``ApiClient`` on the test's event loop; both must behave the same.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from pathlib import Path
 
@@ -13,23 +18,32 @@ from trainer.config.multiturn import ApiBackendConfig
 from trainer.errors import UserError
 from trainer.llm import LoopThread, make_client, open_cache
 from trainer.llm.api import ApiClient
+from trainer.llm.process import ProcessApiClient
 from trainer.testing.fault_proxy import FaultPlan, FaultProxy
 from trainer.testing.serve import TransformersServer, free_port
 
 HI = [{"role": "user", "content": "hi"}]
+KIND = "process"
+
+
+@pytest.fixture(autouse=True, params=["process", "in_process"])
+def client_kind(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    monkeypatch.setattr(sys.modules[__name__], "KIND", request.param)
+    return request.param
 
 
 def client_for(
     server: TransformersServer, base: str, key_env: str | None = None, cache_dir: Path | None = None, **kw
-) -> ApiClient:
+) -> ApiClient | ProcessApiClient:
     settings = dict(
         model=server.model, api_base=base, api_key_env=key_env, timeout_s=2.0, retries=3, backoff_s=0.02,
         max_backoff_s=2.0, max_tokens=4, temperature=0.7,
     )  # fmt: skip
     settings.update(kw)
     cfg = ApiBackendConfig(**settings)
-    client = make_client(cfg, "user_simulator", open_cache(cache_dir) if cache_dir else None)
-    assert isinstance(client, ApiClient)
+    cache = open_cache(cache_dir) if cache_dir else None
+    client = make_client(cfg, "user_simulator", cache, in_process=KIND == "in_process")
+    assert isinstance(client, ApiClient if KIND == "in_process" else ProcessApiClient)
     return client
 
 

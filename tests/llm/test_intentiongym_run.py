@@ -1,11 +1,12 @@
 """``launcher run configs/intentiongym.yaml`` against a real OpenAI-compatible server (``transformers serve``).
 
 The config's API sections are pointed at the local server through the fault proxy; model and data at
-the tiny model and the generated IntentionGym sample. The tiny policy never writes a tool call, so
-the API traffic comes from an ``llm_judge`` reward scored at every episode's end; the tiny served
-model cannot write ``{"score": x}``, so every episode is invalid: counted, excluded, never scored 0.
-With ``max_invalid_rate: 1.0`` the run finishes; with the default 0.2 it checkpoints and stops (exit 1)
-naming the endpoint and the errors.
+the tiny model and the generated IntentionGym sample. The tiny policy never writes a tool call; with
+``environment.text_action: ask`` (the first test) its plain-text questions go to the simulated user and
+the coverage judge over the API, as a tool call would. The tiny served model cannot write the judges'
+JSON (``{"covered": [...]}``, or ``{"score": x}`` for the ``llm_judge`` reward scored at an episode's end),
+so every episode is invalid: counted, excluded, never scored 0. With ``max_invalid_rate: 1.0`` the run
+finishes; with the default 0.2 it checkpoints and stops (exit 1) naming the endpoint and the errors.
 """
 
 from __future__ import annotations
@@ -63,21 +64,33 @@ def launcher_run(args: list[str]) -> subprocess.CompletedProcess:
 def test_launcher_runs_intentiongym_against_a_real_server(
     tmp_path: Path, tiny_model: Path, server: TransformersServer, proxy: FaultProxy
 ) -> None:
-    out = launcher_run(
-        [*overrides(tmp_path, tiny_model, server, proxy), "user_simulator.max_invalid_rate=1.0"]
-    )
+    ask = ["user_simulator.max_invalid_rate=1.0", "environment.text_action=ask", "judge.cache=false"]
+    out = launcher_run([*overrides(tmp_path, tiny_model, server, proxy), *ask])
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     rows = [
         json.loads(line) for line in (tmp_path / "run" / "logs" / "metrics.jsonl").read_text().splitlines()
     ]
     assert [r["step"] for r in rows] == [1, 2]
+    user_before = 0.0
     for step, r in enumerate(rows, 1):
-        assert r["api/calls"] == r["api/judge/calls"] == 4 * step  # one judge call per episode, cumulative
+        # Each episode ends invalid at its first judge call (the coverage judge of its first question, or the
+        # llm_judge when both turns were malformed, e.g. empty): exactly one judge call per episode, cumulative.
+        assert r["api/judge/calls"] == 4 * step and r["api/judge/failed"] == 4 * step
+        # The user simulator answered the first question of every episode whose first reply was not malformed
+        # (none is asked on the last turn), concurrently with that question's coverage judge.
+        assert 1 <= r["api/user_simulator/calls"] - user_before <= 4, r["api/user_simulator/calls"]
+        user_before = r["api/user_simulator/calls"]
+        assert r["api/calls"] == r["api/judge/calls"] + r["api/user_simulator/calls"]
+        assert r["api/user_simulator/latency_p50_s"] > 0 and r["api/user_simulator/prompt_tokens"] > 0
         assert r["episodes/invalid"] == 4 and r["episodes/invalid_rate"] == 1.0
-        assert r["api/failed"] == 4 * step and r["loss/policy"] == 0  # nothing was trained on a failure
+        assert r["loss/policy"] == 0  # nothing was trained on a failure
         assert r["api/latency_p50_s"] > 0 and "time/engine_idle_s" in r
-    assert "invalid 4 (100%) api 8 calls 8 failed" in out.stdout
-    assert proxy.stats()["forwarded"] == 8
+    last = rows[-1]
+    assert f"invalid 4 (100%) api {last['api/calls']:.0f} calls" in out.stdout
+    # Every call reached the real server through the proxy (retries of empty user replies included).
+    assert proxy.stats()["forwarded"] == last["api/calls"] + last["api/retries"]
+    conversation = json.loads((tmp_path / "run" / "logs" / "episodes.jsonl").read_text().splitlines()[0])
+    assert conversation["invalid"] and "judge" in conversation["invalid"], conversation
 
 
 def test_too_many_invalid_episodes_checkpoint_and_stop_naming_the_endpoint(

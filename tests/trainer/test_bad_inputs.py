@@ -95,7 +95,7 @@ CASES = [
          sets=("rollout.temperature=-0.5",)),
     Case("top-p-0", "Error: <cfg>: rollout.top_p: 0: Input should be greater than 0", sets=("rollout.top_p=0",)),
     # ---- unknown names
-    Case("unknown-algorithm", "Error: <cfg>: algorithm.name: 'dpo': Input should be 'sft' or 'grpo'",
+    Case("unknown-algorithm", "Error: <cfg>: algorithm.name: 'dpo': Input should be 'sft', 'grpo' or 'ppo'",
          sets=("algorithm.name=dpo",)),
     Case("unknown-reward",
          "Error: <cfg>: rewards.0.type: 'magic' is not a known type; allowed: "
@@ -104,11 +104,18 @@ CASES = [
     Case("unknown-template-field",
          "Error: <cfg>: output_dir: '<dir>/{nam}': unknown template field 'nam'; only {name} is allowed",
          sets=("output_dir=<dir>/{nam}",)),
+    Case("ppo-setting-under-grpo", "Error: <cfg>: algorithm: algorithm.critic_lr is a PPO setting but algorithm.name "
+         "is grpo: remove it, or set algorithm.name: ppo", sets=("algorithm.critic_lr=1e-5",)),
+    Case("turn-credit-single-turn", "Error: <cfg>: algorithm.advantage is turn but environment.name is single_turn: "
+         "a single-turn episode has one turn, where turn-level credit equals the episode's; use a multi-turn "
+         "environment or advantage: episode", sets=("algorithm.advantage=turn",)),
     Case("unset-environment-variable", "Error: <cfg>: model.path: environment variable USERLOOP_TEST_UNSET is "
          "not set", text="name: t\nmodel: {path: '${USERLOOP_TEST_UNSET}'}\n"),
     # ---- input files that are not there
     Case("model-path-missing", "Error: config: model.path: '<dir>/no-model': directory not found",
          sets=("model.path=<dir>/no-model",)),
+    Case("critic-path-missing", "Error: config: algorithm.critic_path: '<dir>/no-critic': not a model directory "
+         "(no config.json)", sets=("algorithm.name=ppo", "algorithm.critic_path=<dir>/no-critic")),
     Case("data-path-missing", "Error: config: data.train.path: '<dir>/no.jsonl': file not found",
          sets=("data.train.path=<dir>/no.jsonl",)),
     # ---- Kubernetes
@@ -192,7 +199,7 @@ CASES = [
     Case("run-nproc-0", "Error: --nproc: 0: must be 1 or more", command="run", args=("--nproc", "0")),
     # ---- multi-turn settings
     Case("unknown-environment",
-         "Error: <cfg>: environment.name: 'tau2': Input should be 'single_turn' or 'intentiongym'",
+         "Error: <cfg>: environment.name: 'tau2': Input should be 'single_turn', 'intentiongym' or 'quiz'",
          sets=("environment.name=tau2",)),
     Case("max-turns-0", "Error: <cfg>: environment.max_turns: 0: Input should be greater than or equal to 1",
          sets=("environment.max_turns=0",)),

@@ -34,7 +34,7 @@ def _error(overrides: list[str], raw: dict | None = None) -> str:
         (["algorithm.lr=fast"], "algorithm.lr: 'fast': Input should be a valid number"),
         (["algorithm.group_size=0"], "algorithm.group_size: 0: Input should be greater than or equal to 1"),
         (["algorithm.group_size=1"], "algorithm: group_size is 1, but GRPO normalises rewards"),
-        (["algorithm.name=dpo"], "algorithm.name: 'dpo': Input should be 'sft' or 'grpo'"),
+        (["algorithm.name=dpo"], "algorithm.name: 'dpo': Input should be 'sft', 'grpo' or 'ppo'"),
         (["model.lora.r=0"], "model.lora.r: 0: Input should be greater than or equal to 1"),
         (
             ["rollout.temperature=-0.5"],
@@ -48,6 +48,7 @@ def _error(overrides: list[str], raw: dict | None = None) -> str:
         (["rewards=[]"], "GRPO needs at least one entry in `rewards`"),
         (["rewards.5.weight=1"], "--set rewards.5.weight: '5' is not an index of a list of 1"),
         (["nonsense"], "--set 'nonsense': expected dotted.key=value"),
+        (["data.generate={task: seat-booking}"], "seat-booking writes IntentionGym data"),
     ],
 )
 def test_errors_name_the_field(overrides: list[str], expected: str) -> None:

@@ -69,10 +69,10 @@ def test_intentiongym_with_local_user_and_rule_judge(tmp_path: Path, tiny_model:
     assert [m["role"] for m in samples[0]["messages"][:3]] == ["system", "user", "assistant"]
     log = (tmp_path / "run" / "logs" / "train.log").read_text()
     assert "step 2/2" in log and "invalid 0" in log
-    with pytest.raises(UserError, match="multi-turn episodes are evaluated during training"):
-        api.evaluate(
-            cfg, tmp_path / "run" / "checkpoints" / "step_2"
-        )  # `launcher eval` would score single turns
+    # `launcher eval` plays the same episodes as the run's own evaluation (one per validation task).
+    result = api.evaluate(cfg, tmp_path / "run" / "checkpoints" / "step_2")
+    assert result.status == "success" and result.samples == 2 and result.accuracy is None
+    assert result.metrics["eval/invalid"] == 0 and result.reward == rows[-1]["eval/reward"] == 0.0
 
 
 def test_unknown_task_id_fails_before_the_model_loads(tmp_path: Path, tiny_model: Path, monkeypatch) -> None:

@@ -100,14 +100,20 @@ def check_paths(cfg: RunConfig) -> None:
         and not Path(cfg.model.path).exists()
     ):
         problems.append(f"model.path: {cfg.model.path!r}: directory not found")
+    critic = cfg.algorithm.critic_path
+    if critic is not None and not _looks_like_hub_id(critic) and not (Path(critic) / "config.json").is_file():
+        problems.append(f"algorithm.critic_path: {critic!r}: not a model directory (no config.json)")
     if cfg.data.generate is None:
         for split in ("train", "val"):
             ds = getattr(cfg.data, split)
             if ds is not None and not Path(ds.path).is_file():
                 problems.append(f"data.{split}.path: {ds.path!r}: file not found")
+    # The seat-booking task writes the intention JSON too, when the run starts.
+    generated = cfg.data.generate is not None and cfg.data.generate.task == "seat-booking"
     for field in ("intentions", "val_intentions"):
         path = getattr(cfg.environment, field)
-        if path is not None and cfg.environment.name == "intentiongym" and not Path(path).is_file():
+        missing = path is not None and not generated and not Path(path).is_file()
+        if missing and cfg.environment.name == "intentiongym":
             problems.append(f"environment.{field}: {path!r}: file not found")
     for role in ("user_simulator", "judge"):
         section = getattr(cfg, role)

@@ -171,10 +171,12 @@ class JudgeConfig(ApiBackendConfig):
 class EnvironmentConfig(Section):
     """The environment episodes run in."""
 
-    name: Literal["single_turn", "intentiongym"] = Field(
+    name: Literal["single_turn", "intentiongym", "quiz"] = Field(
         "single_turn",
         description="`single_turn`: one agent reply per prompt, scored by `rewards` (the foundation GRPO); "
-        "`intentiongym`: the agent asks clarifying questions to a simulated user (UserRL's IntentionGym).",
+        "`intentiongym`: the agent asks clarifying questions to a simulated user (UserRL's IntentionGym); "
+        "`quiz`: the row's prompt is asked `max_turns` times, each reply scored 1 when it is the row's answer "
+        "(deterministic, no API: a check that turn-level credit works).",
     )
     max_turns: int = Field(
         16,
@@ -219,6 +221,13 @@ class EnvironmentConfig(Section):
     )
     tool_name: str = Field(
         "interact_with_env", description="Name of the tool the agent calls to talk to the environment."
+    )
+    text_action: Literal["end", "ask"] = Field(
+        "end",
+        description="IntentionGym: what a reply without a tool call does. `end`: it ends the episode without "
+        "scoring that turn (upstream: verl's tool-agent loop stops when the model answers in plain text). `ask`: "
+        "the whole reply is the question, as if sent through the tool; for models that have not learned the tool "
+        "format, such as the quickstart's tiny random-initialised one.",
     )
 
     @model_validator(mode="after")

@@ -72,16 +72,21 @@ class EarlyStoppingConfig(Section):
 
 
 class AlgorithmConfig(Section):
-    name: Literal["sft", "grpo"] = Field(description="Training algorithm: `sft` or `grpo`.")
+    name: Literal["sft", "grpo", "ppo"] = Field(
+        description="Training algorithm: `sft`, `grpo` (group-normalised rewards, no critic) or `ppo` (a learned "
+        "critic, GAE advantages; `trainer/ppo.py`)."
+    )
     lr: float = Field(1e-5, gt=0, description="Peak learning rate (AdamW).")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     batch_size: int = Field(
-        8, ge=1, description="Prompts (GRPO) or examples (SFT) per optimizer step, over all processes."
+        8, ge=1, description="Prompts (GRPO, PPO) or examples (SFT) per optimizer step, over all processes."
     )
     group_size: int = Field(
         8,
         ge=1,
-        description="GRPO: completions sampled per prompt; advantages are normalised within each group.",
+        description="GRPO: completions sampled per prompt; advantages are normalised within each group (2 or "
+        "more). PPO: episodes per prompt, no normalisation within them (the critic is the baseline); 1 is fine, "
+        "more samples the same prompt several times per step.",
     )
     grad_accum: int = Field(
         1,
@@ -96,12 +101,12 @@ class AlgorithmConfig(Section):
     max_grad_norm: float | None = Field(
         1.0, gt=0, description="Gradient clipping norm; null disables clipping."
     )
-    clip_range: float = Field(0.2, gt=0, description="GRPO: PPO-style ratio clip epsilon.")
+    clip_range: float = Field(0.2, gt=0, description="GRPO, PPO: policy ratio clip epsilon.")
     updates_per_batch: int = Field(
         1,
         ge=1,
-        description="GRPO: optimizer passes over each batch of rollouts (μ in the GRPO paper). With 1, the old "
-        "log-probs equal the current ones and are not recomputed.",
+        description="GRPO, PPO: optimizer passes over each batch of rollouts (μ in the GRPO paper, PPO's epochs). "
+        "With 1, the old log-probs equal the current ones and are not recomputed.",
     )
     kl_coef: float = Field(
         0.0,
@@ -109,7 +114,52 @@ class AlgorithmConfig(Section):
         description="GRPO: weight of the KL penalty to the reference model (k3 estimator). With LoRA the reference is "
         "the base model with the adapter disabled; with full fine-tuning a frozen copy is kept only when > 0.",
     )
-    entropy_coef: float = Field(0.0, ge=0, description="GRPO: weight of the entropy bonus.")
+    entropy_coef: float = Field(0.0, ge=0, description="GRPO, PPO: weight of the entropy bonus.")
+    advantage: Literal["episode", "turn"] = Field(
+        "episode",
+        description="Credit assignment in multi-turn episodes. `episode`: one reward per episode (GRPO: one "
+        "group-normalised advantage for all its turns; PPO: the reward on the episode's last agent token). "
+        "`turn`: each agent turn is credited with its own turn reward (the environment's, the episode's other "
+        "rewards on the last turn). GRPO then computes per turn the discounted return over the following turns "
+        "(`turn_gamma`) and normalises it within the group per turn position (UserRL-style turn-level credit); PPO "
+        "puts each turn reward on that turn's last token before GAE. Needs a multi-turn environment.",
+    )
+    turn_gamma: float = Field(
+        1.0,
+        ge=0,
+        le=1,
+        description="GRPO with `advantage: turn`: discount per turn of the returns, G_k = r_k + turn_gamma·G_{k+1}. "
+        "0 credits each turn with its own reward only; 1 with everything that followed it (UserRL uses 0.8).",
+    )
+    gamma: float = Field(
+        1.0, ge=0, le=1, description="PPO: discount per agent token in GAE (1.0 is usual for LLM episodes)."
+    )
+    lam: float = Field(
+        0.95,
+        ge=0,
+        le=1,
+        description="PPO: GAE λ; 1 uses the full return (low bias, high variance), lower values lean on the critic.",
+    )
+    value_loss_coef: float = Field(
+        0.5, gt=0, description="PPO: weight of the value loss (scales the critic's gradient before clipping)."
+    )
+    value_clip: float = Field(
+        0.2,
+        gt=0,
+        description="PPO: a value prediction may move at most this far from its sampling-time estimate per batch "
+        "(clipped value loss); in reward units, so scale it with your rewards.",
+    )
+    critic_lr: float | None = Field(
+        None,
+        gt=0,
+        description="PPO: the critic's learning rate (AdamW, constant). Unset: `lr`. Critics usually take a larger "
+        "LR than the policy (e.g. 1e-5 vs 1e-6 for Qwen3-0.6B).",
+    )
+    critic_path: str | None = Field(
+        None,
+        description="PPO: causal-LM directory the critic's backbone is loaded from (its LM head is dropped, a "
+        "scalar value head added). Unset: `model.path`. With `model.lora.enabled` the critic is LoRA-trained too.",
+    )
     seed: int = Field(0, description="Seed for data order, sampling and initialisation.")
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="LR schedule.")
     early_stopping: EarlyStoppingConfig = Field(
@@ -125,13 +175,42 @@ class AlgorithmConfig(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _settings_of_other_algorithms(self) -> AlgorithmConfig:
+        # A setting the chosen algorithm ignores is almost always a mistake (a config copied from another run, a
+        # typo in `name`): refuse it by name rather than train without it.
+        # Only values that differ from the defaults count: a dumped config (checkpoint, ConfigMap) lists every field.
+        chosen = {k for k in self.model_fields_set if getattr(self, k) != type(self).model_fields[k].default}
+        problems = []
+        for key in sorted(chosen):
+            if key in _PPO_ONLY and self.name != "ppo":
+                problems.append(f"algorithm.{key} is a PPO setting but algorithm.name is {self.name}: remove it, "
+                                "or set algorithm.name: ppo")  # fmt: skip
+            elif key in ("advantage", "turn_gamma") and self.name == "sft":
+                problems.append(f"algorithm.{key} applies to GRPO and PPO, not sft: remove it")
+        if "turn_gamma" in chosen and self.name != "sft":
+            if self.name == "ppo":
+                problems.append("algorithm.turn_gamma is not used by PPO, which discounts per token with "
+                                "algorithm.gamma: remove turn_gamma")  # fmt: skip
+            elif self.advantage != "turn":
+                problems.append("algorithm.turn_gamma only applies with algorithm.advantage: turn: set that, or "
+                                "remove turn_gamma")  # fmt: skip
+        if problems:
+            raise ValueError("; ".join(problems))
+        return self
+
+
+_PPO_ONLY = ("gamma", "lam", "value_loss_coef", "value_clip", "critic_lr", "critic_path")
+
 
 # ----------------------------------------------------------------------------- data
 
 
 class GenerateDataConfig(Section):
-    task: Literal["repeat-letter", "next-letter", "add-digits"] = Field(
-        description="Built-in synthetic task written to `data.train.path` / `data.val.path` when they are missing."
+    task: Literal["repeat-letter", "next-letter", "add-digits", "seat-booking"] = Field(
+        description="Built-in synthetic task written to `data.train.path` / `data.val.path` when they are missing. "
+        "`seat-booking` is multi-turn (`environment.name: intentiongym`): Parquet rows plus the intention JSON "
+        "at `environment.intentions` / `val_intentions`."
     )
     train_size: int = Field(256, ge=1, description="Rows in the generated training set.")
     val_size: int = Field(32, ge=1, description="Rows in the generated validation set.")
@@ -182,8 +261,85 @@ class DataConfig(Section):
 # ----------------------------------------------------------------------------- rollout
 
 
+def _url_port(url: str) -> int | None:
+    from urllib.parse import urlparse
+
+    try:
+        return urlparse(url).port
+    except ValueError:
+        return None
+
+
+class SglangConfig(Section):
+    url: str | None = Field(
+        None,
+        description="Base URL of the SGLang server. Unset: env `USERLOOP_SGLANG_URL` (the chart sets it to the "
+        "pod's sidecar), else `http://127.0.0.1:30000`. Resolved when the run starts, so a config rendered on a "
+        "laptop still reaches the pod's own sidecar.",
+    )
+    sync: Literal["lora", "disk"] | None = Field(
+        None,
+        description="How new weights reach the server after every optimizer step. `lora`: the adapter is saved "
+        "to `weights_dir` and loaded as `policy-n<node>-v<step>` (`/load_lora_adapter`), requests switch to it "
+        "and the previous one is unloaded; needs `model.lora.enabled`. `disk`: the full model is saved (safetensors) "
+        "and reloaded with `/update_weights_from_disk`. Unset: `lora` when LoRA is on, else `disk`.",
+    )
+    timeout_s: float = Field(
+        300.0,
+        gt=0,
+        description="Per-request timeout of `/generate` (a reset connection or a timeout is retried twice, "
+        "with the same request id).",
+    )
+    sync_timeout_s: float = Field(
+        1800.0,
+        gt=0,
+        description="Timeout of each weight hand-over call (`/update_weights_from_disk`, LoRA load/unload): "
+        "reloading a large model from disk can take minutes. A retry after a timeout first asks the server "
+        "whether the reload landed, and saves to a fresh folder rather than over the one it may still read.",
+    )
+    max_inflight: int = Field(
+        256,
+        ge=1,
+        description="Generation requests in flight at once from this process; the server batches them. Higher "
+        "keeps the server busier; bounded so a large batch cannot queue thousands of requests.",
+    )
+    startup_timeout_s: float = Field(
+        600.0,
+        gt=0,
+        description="How long the trainer waits for `/health_generate` to answer 200 at start (model load and "
+        "CUDA-graph capture take minutes) before it stops with an error.",
+    )
+    sync_retries: int = Field(
+        3,
+        ge=1,
+        description="Attempts of one weight hand-over before the run stops with an error: sampling from stale "
+        "weights is never silently continued.",
+    )
+    weights_dir: str | None = Field(
+        None,
+        description="Directory both trainer and server can read, where new weights are handed over. Unset: env "
+        "`USERLOOP_WEIGHTS_DIR` (the chart sets `/weights`, an in-memory volume of both containers), else "
+        "`<output_dir>/engine_weights`. Point it at a RAM disk (e.g. under /dev/shm) for fast full-weight syncs.",
+    )
+    launch: bool = Field(
+        False,
+        description="`launcher run` starts `python -m sglang.launch_server` as a child process with the flags "
+        "the chart gives the sidecar (`cluster.sglang`, LoRA settings), waits until it is ready and stops it "
+        "at the end: a local GPU run then behaves like the pod. The server gets the last "
+        "`cluster.rollout_gpus_per_node` visible GPUs (1 when unset), the trainer the rest; `url`, if set, must "
+        "name its port. Needs `pip install userloop[sglang]`.",
+    )
+
+
 class RolloutConfig(Section):
-    engine: Literal["hf"] = Field("hf", description="Rollout engine: `hf` (in-process batched `generate`).")
+    engine: Literal["hf", "sglang"] = Field(
+        "hf",
+        description="Rollout engine: `hf` (in-process batched `generate` on the trainer's model) or `sglang` (HTTP "
+        "client of an SGLang 0.5.x server, the pod's sidecar; weights are handed over after every step).",
+    )
+    sglang: SglangConfig = Field(
+        default_factory=SglangConfig, description="SGLang server settings (`engine: sglang`)."
+    )
     max_new_tokens: int = Field(128, ge=1, description="Completion length limit.")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
@@ -284,6 +440,13 @@ class CheckpointConfig(Section):
         "fresh (refuses to overwrite existing checkpoints); or a path to one `step_N` directory.",
     )
     save_final: bool = Field(True, description="Save a checkpoint when training ends.")
+    background: bool = Field(
+        True,
+        description="Write the checkpoints of `save_every_*` while training goes on: the step waits only for a "
+        "copy of the weights and optimizer state into host memory, then a thread writes, hashes and renames it. "
+        "Costs host RAM for one more copy of both (kept between saves); set false where that does not fit. "
+        "The final, SIGTERM and stop checkpoints are always complete before the process exits.",
+    )
     grace_s: float = Field(
         90.0,
         gt=0,
@@ -387,6 +550,16 @@ class RunConfig(Section):
                 "rollout.temperature is 0 (greedy): every completion of a group would be the same and GRPO would "
                 "get no signal; use a temperature around 1.0 (evaluation uses rollout.eval_temperature)"
             )
+        if self.algorithm.name == "ppo" and self.rollout.temperature == 0:
+            raise ValueError(
+                "rollout.temperature is 0 (greedy): PPO would never try another action and its log-probs are those "
+                "of a sampled policy; use a temperature around 1.0 (evaluation uses rollout.eval_temperature)"
+            )
+        if self.algorithm.advantage == "turn" and env.name == "single_turn":
+            raise ValueError(
+                "algorithm.advantage is turn but environment.name is single_turn: a single-turn episode has one turn, "
+                "where turn-level credit equals the episode's; use a multi-turn environment or advantage: episode"
+            )
         if self.algorithm.scheduler.type == "plateau" and not (
             self.eval.every_steps or self.eval.every_epochs
         ):
@@ -394,9 +567,17 @@ class RunConfig(Section):
                 "algorithm.scheduler.type is plateau, which lowers the LR when evaluations stop improving, but no "
                 "evaluation is scheduled: set eval.every_steps or eval.every_epochs"
             )
-        if self.algorithm.name == "grpo" and not self.rewards and env.name == "single_turn":
-            raise ValueError("GRPO needs at least one entry in `rewards` (e.g. `- {type: accuracy}`)")
-        if env.name != "single_turn" and self.user_simulator is None:
+        if self.algorithm.name in ("grpo", "ppo") and not self.rewards and env.name == "single_turn":
+            raise ValueError(
+                f"{self.algorithm.name.upper()} needs at least one entry in `rewards` (e.g. `- {{type: accuracy}}`)"
+            )
+        task = self.data.generate.task if self.data.generate else None
+        if task is not None and (task == "seat-booking") != (env.name == "intentiongym"):
+            raise ValueError(
+                f"data.generate.task is {task} but environment.name is {env.name}: seat-booking writes IntentionGym "
+                "data (environment.name: intentiongym); the other tasks are single-turn (environment.name: single_turn)"
+            )
+        if env.name == "intentiongym" and self.user_simulator is None:
             raise ValueError(
                 f"environment.name is {env.name} but user_simulator is not set: add a user_simulator section "
                 "(backend: api with model/api_base/api_key_env, or backend: local with a model path)"
@@ -419,6 +600,25 @@ class RunConfig(Section):
         if self.algorithm.early_stopping.metric and not (self.eval.every_steps or self.eval.every_epochs):
             raise ValueError(
                 "algorithm.early_stopping.metric needs periodic evaluation: set eval.every_steps or eval.every_epochs"
+            )
+        sg = self.rollout.sglang
+        if sg.sync == "lora" and not self.model.lora.enabled:
+            raise ValueError(
+                "rollout.sglang.sync is lora but model.lora.enabled is false: there is no adapter to hand over; "
+                "set rollout.sglang.sync: disk (or leave it unset) or enable model.lora"
+            )
+        if sg.sync is None:  # resolved here so the logged config says which hand-over the run uses
+            sg.sync = "lora" if self.model.lora.enabled else "disk"
+        if self.rollout.engine == "sglang" and sg.sync == "lora" and self.cluster.sglang.max_loaded_loras < 2:
+            raise ValueError(
+                f"cluster.sglang.max_loaded_loras: {self.cluster.sglang.max_loaded_loras} is too few for LoRA "
+                "hand-overs: the serving adapter and the next version are loaded together; set it to 2 or more"
+            )
+        if sg.launch and sg.url and _url_port(sg.url) is None:
+            raise ValueError(
+                f"rollout.sglang.url: {sg.url} has no port; with rollout.sglang.launch: true the launcher starts "
+                "the server on that URL's port, so write it (e.g. http://127.0.0.1:30000) or leave url unset "
+                "(cluster.sglang.port)"
             )
         names = [r.name or r.type for r in self.rewards]
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -443,6 +643,12 @@ class RunConfig(Section):
             raise ValueError(
                 f"cluster.pvc.access_mode: {c.pvc.access_mode} cannot be mounted by the {c.nodes} pods of "
                 "cluster.nodes on different nodes: use a ReadWriteMany claim (see k8s/pvc-rwx.yaml) or cluster.nodes: 1"
+            )
+        if c.sidecar and self.rollout.engine != "sglang":
+            raise ValueError(
+                f"cluster.rollout_gpus_per_node: {c.rollout_gpus_per_node} gives GPUs to an SGLang sidecar but "
+                f"rollout.engine is {self.rollout.engine}, so nothing would use it: set rollout.engine: sglang, or "
+                "cluster.rollout_gpus_per_node: 0 to give every GPU to the trainer"
             )
         if c.sidecar and self.model.create_if_missing:
             raise ValueError(

@@ -13,15 +13,20 @@ from trainer.engines.base import Completion, SamplingParams
 from trainer.model import unwrap
 
 
+def stop_token_ids(model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase) -> list[int]:
+    """The tokenizer's EOS and the generation config's: Qwen3 stops on <|im_end|> and <|endoftext|>, the
+    tokenizer names only one. Every engine stops on the same ids."""
+    configured = getattr(unwrap(model).generation_config, "eos_token_id", None)
+    configured = configured if isinstance(configured, list) else [configured]
+    return sorted({tokenizer.eos_token_id, *(t for t in configured if t is not None)})
+
+
 class HFEngine:
     def __init__(self, model: torch.nn.Module, tokenizer: PreTrainedTokenizerBase, max_batch: int = 256):
         self.model = model
         self.tokenizer = tokenizer
         self.max_batch = max_batch  # sequences per generate call; bounds activation memory
-        # Qwen3's generation config stops on <|im_end|> and <|endoftext|>; the tokenizer names only one.
-        configured = getattr(unwrap(model).generation_config, "eos_token_id", None)
-        configured = configured if isinstance(configured, list) else [configured]
-        self.stop_ids = sorted({tokenizer.eos_token_id, *(t for t in configured if t is not None)})
+        self.stop_ids = stop_token_ids(model, tokenizer)
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], n: int, params: SamplingParams) -> list[list[Completion]]:
@@ -53,7 +58,9 @@ class HFEngine:
             do_sample=not greedy,
             temperature=None if greedy else params.temperature,
             top_p=None if greedy else params.top_p,
-            top_k=params.top_k or None,
+            # 0 explicitly: None would fall back to the model's generation_config (Qwen3 ships top_k 20), and
+            # the loss would score a different distribution from the one sampled.
+            top_k=None if greedy else params.top_k,
             pad_token_id=pad,
             eos_token_id=self.stop_ids,
         )

@@ -44,6 +44,10 @@ def make_environment(
         if user is None:
             raise ValueError("intentiongym needs a user simulator client")
         return IntentionGym.from_config(cfg, user, judge, split=split)
+    if cfg.name == "quiz":
+        from trainer.envs.quiz import QuizEnvironment
+
+        return QuizEnvironment(cfg.max_turns, cfg.score)
     raise ValueError(f"unknown environment {cfg.name!r}")
 
 

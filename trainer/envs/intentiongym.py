@@ -14,8 +14,9 @@ Turn reward (``turn_reward``): 1.0 / 0.7 / 0.4 for the highest importance (3 / 2
 minus 0.2 per extra detail covered by the same question, clipped to [0, 1]; 0 when nothing new is
 covered. The episode ends when every detail is covered or after ``max_turns``; its score is the
 ``mean`` (upstream), ``sum`` or ``last`` of the turn rewards. A reply without a tool call ends the
-episode without scoring that turn (as verl's tool-agent loop does); a malformed call is answered with
-an error message and scores 0.
+episode without scoring that turn (as verl's tool-agent loop does), unless ``environment.text_action``
+is ``ask``: then the reply itself is the question; a malformed call is answered with an error message
+and scores 0.
 
 Judges (``environment.judge_backend``):
 
@@ -269,6 +270,8 @@ class IntentionEpisode:
         elif action.kind == "tool_call" and not str(action.arguments.get("content", "")).strip():
             problem = f'{tool} needs a non-empty "content" argument: your question'
         if action.kind == "text":
+            if self.env.cfg.text_action == "ask":
+                return await self._ask(action.text, last)
             self.done = True
             return StepResult([], None, True, info={"ended_by_agent": True})
         if problem is not None:

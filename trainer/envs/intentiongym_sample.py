@@ -145,6 +145,71 @@ def write_sample(
     return paths
 
 
+# ----------------------------------------------------------------------------- the quickstart's seat-booking tasks
+
+# Every task misses the same three details; the tiny random model can name each option in one token ("b", " 4"),
+# so the rule judge sees a covered detail whenever the agent's one-token question names an option, and GRPO has
+# a signal from the first step (a random token names some option ~1 time in 9). What the agent must learn is
+# which details matter and to ask a *different* one each turn: asking a covered detail again earns 0.
+SEAT_DETAILS: list[tuple[str, str, str, list[str]]] = [
+    ("Row", "3", "Which row do you want to sit in?", ["b", "c", "d"]),
+    ("Seat number", "2", "Which seat number do you want?", ["4", "5", "6"]),
+    ("Hall", "1", "Which hall is the show in?", ["7", "8", "9"]),
+]
+SEAT_EVENTS = ["the film tonight", "the concert", "the play", "the match", "the opera", "the talk", "the show",
+               "the musical"]  # fmt: skip
+SEAT_SYSTEM_PROMPT = "Ask the user one short question per turn about what they want."
+
+
+def seat_items(n: int, split: str, seed: int) -> list[dict[str, Any]]:
+    """``n`` intention entries "Book me a seat for <event>." whose three missing details are ``SEAT_DETAILS``."""
+    rng = random.Random(seed)
+    items = []
+    for i in range(n):
+        details = list(SEAT_DETAILS)
+        rng.shuffle(details)  # the order in the file carries no information
+        items.append({
+            "id": f"seat-{split}-{i:04d}", "category": "Booking", "task": f"Book me a seat for {rng.choice(SEAT_EVENTS)}.",
+            "missing_details": [{"description": d, "importance": imp, "inquiry": q, "options": list(o)}
+                                for d, imp, q, o in details],
+        })  # fmt: skip
+    return items
+
+
+def write_seat_task(paths: dict[str, str | Path], sizes: dict[str, int], seed: int = 0) -> None:
+    """The quickstart's data (``data.generate.task: seat-booking``): for each split in ``sizes`` (``train``,
+    ``val``), verl-format Parquet rows at ``paths[split]`` and their intention JSON at
+    ``paths[split + "_intentions"]`` (both splits' tasks in one file when the two paths are the same). Nothing
+    is written when every file exists (a resumed run keeps its data)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    files = [Path(paths[k]) for split in sizes for k in (split, f"{split}_intentions")]
+    if all(f.exists() for f in files):
+        return
+    by_json: dict[Path, list[dict[str, Any]]] = {}
+    for split, n in sizes.items():
+        items = seat_items(n, split, seed + (0 if split == "train" else 1_000_003))
+        rows = [_row(item, i, split) for i, item in enumerate(items)]
+        for row in rows:
+            row["prompt"][0]["content"] = SEAT_SYSTEM_PROMPT  # short: fewer context tokens per turn on a CPU
+            row["prompt"][1]["content"] = row["reward_model"]["task"]
+        by_json.setdefault(Path(paths[f"{split}_intentions"]), []).extend(items)
+        _replace(Path(paths[split]), lambda tmp, rows=rows: pq.write_table(pa.Table.from_pylist(rows), tmp))
+    for json_path, items in by_json.items():
+        _replace(
+            json_path, lambda tmp, items=items: tmp.write_text(json.dumps(items, indent=1) + "\n", "utf-8")
+        )
+
+
+def _replace(path: Path, write) -> None:
+    """``write(tmp)`` then rename over ``path``: a run killed meanwhile leaves no half-written file behind."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    write(tmp)
+    tmp.replace(path)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="data", help="output folder (default: data)")

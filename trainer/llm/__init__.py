@@ -12,6 +12,9 @@ Pieces, smallest first:
 - ``cache.ResponseCache``: SQLite cache of temperature-0 calls under ``output_dir``.
 - ``api.ApiClient`` (the only importer of litellm) and ``local.LocalClient`` (in-process HF model,
   micro-batched in a worker thread).
+- ``process.ProcessApiClient``: what ``make_client`` returns for ``backend: api``; runs ``ApiClient`` in
+  one worker process per trainer process (``worker``, frames in ``wire``) so that litellm's Python does
+  not hold the training loop's GIL.
 
 Integration sketch (the trainer owns one loop and one client per role)::
 
@@ -59,13 +62,26 @@ def open_cache(output_dir: str | Path) -> ResponseCache:
 
 
 def make_client(
-    cfg: ApiBackendConfig, role: str, cache: ResponseCache | None = None, seed: int | None = None
+    cfg: ApiBackendConfig,
+    role: str,
+    cache: ResponseCache | None = None,
+    seed: int | None = None,
+    in_process: bool = False,
 ) -> LLMClient:
-    """An ``ApiClient`` or ``LocalClient`` for one config section; ``role`` names it in metrics and errors."""
+    """A client for one config section; ``role`` names it in metrics and errors.
+
+    ``backend: api``: a ``ProcessApiClient`` (litellm in the API worker process), or with ``in_process`` an
+    ``ApiClient`` on the caller's event loop (tests and benchmarks compare the two). ``backend: local``:
+    a ``LocalClient``.
+    """
     if cfg.backend == "local":
         from trainer.llm.local import LocalClient
 
         return LocalClient(cfg, role)
-    from trainer.llm.api import ApiClient
+    if in_process:
+        from trainer.llm.api import ApiClient
 
-    return ApiClient(cfg, role, cache=cache, seed=seed)
+        return ApiClient(cfg, role, cache=cache, seed=seed)
+    from trainer.llm.process import ProcessApiClient
+
+    return ProcessApiClient(cfg, role, cache=cache, seed=seed)

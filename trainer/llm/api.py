@@ -20,6 +20,10 @@ What ``complete`` does, in order:
    exponential backoff and jitter, at least ``Retry-After``; a reply the caller's parser rejects
    is retried only when sampling (temperature > 0), since a greedy call would say the same again.
 5. Count tokens, cost, latency and failures in ``stats``; errors are redacted (no key ever leaves).
+
+A run does not use this class in its own process: ``trainer.llm.process.ProcessApiClient`` runs it in a
+child process (``trainer.llm.worker``) so that litellm's Python work does not take the training loop's GIL
+(issue 6); the cache, the caller's parser and the counters stay on the trainer's side.
 """
 
 from __future__ import annotations
@@ -27,7 +31,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import random
 import re
 import time
 from collections.abc import Sequence
@@ -38,11 +41,19 @@ os.environ.setdefault("LITELLM_LOCAL_MODEL_COST_MAP", "True")
 import litellm  # noqa: E402  (the environment variable must be set first)
 
 from trainer.config.multiturn import ApiBackendConfig  # noqa: E402
-from trainer.errors import UserError  # noqa: E402
-from trainer.llm.cache import ResponseCache, cache_key  # noqa: E402
+from trainer.llm.cache import ResponseCache  # noqa: E402
+from trainer.llm.calls import CachedCalls  # noqa: E402
 from trainer.llm.limits import TokenBucket, backoff_delay, parse_retry_after  # noqa: E402
 from trainer.llm.stats import ApiStats  # noqa: E402
-from trainer.llm.types import RETRYABLE, CallResult, ErrorKind, Message, Parser, redact  # noqa: E402
+from trainer.llm.types import (  # noqa: E402
+    RETRYABLE,
+    CallResult,
+    ErrorKind,
+    Message,
+    Parser,
+    read_api_key,
+    redact,
+)
 
 litellm.suppress_debug_info = True  # its "Give Feedback" banner goes to stdout on every error
 
@@ -111,7 +122,7 @@ def _retry_after(exc: BaseException) -> float | None:
     return None
 
 
-class ApiClient:
+class ApiClient(CachedCalls):
     """An ``LLMClient`` for ``backend: api``. Create it anywhere; use it only from one event loop."""
 
     def __init__(
@@ -121,16 +132,8 @@ class ApiClient:
         cache: ResponseCache | None = None,
         seed: int | None = None,
     ):
-        if cfg.backend != "api" or not cfg.model:
-            raise ValueError("ApiClient needs backend: api and a model")
-        self.cfg = cfg
-        self.role = role
-        self.model = f"openai/{cfg.model}"
-        self.endpoint = f"{role} ({self.model} at {cfg.api_base or 'https://api.openai.com/v1'})"
+        super().__init__(cfg, role, cache, seed)
         self._key = self._read_key(cfg, role)
-        self.stats = ApiStats(role, self.endpoint, cfg.budget)
-        self.cache = cache if cfg.cache else None
-        self._rng = random.Random(seed)
         # Created on first use, inside the event loop that will await them.
         self._sem: asyncio.Semaphore | None = None
         self._rpm = TokenBucket(cfg.rpm) if cfg.rpm else None
@@ -138,17 +141,7 @@ class ApiClient:
 
     @staticmethod
     def _read_key(cfg: ApiBackendConfig, role: str) -> str:
-        if cfg.api_key_env is None:
-            # Local OpenAI-compatible servers ignore the key, but the OpenAI client insists on one.
-            return "none"
-        key = os.environ.get(cfg.api_key_env)
-        if not key:
-            raise UserError(
-                f"{role}.api_key_env",
-                f"environment variable {cfg.api_key_env} is not set (it should hold the API key for {cfg.api_base})",
-                hint=f"export {cfg.api_key_env}=... before starting the run",
-            )
-        return key
+        return read_api_key(cfg, role)
 
     def _redact(self, text: str) -> str:
         return redact(text, [self._key])
@@ -156,60 +149,26 @@ class ApiClient:
     async def aclose(self) -> None:
         return None
 
-    async def complete(
+    async def _attempts(
         self,
         messages: Sequence[Message],
-        *,
-        temperature: float | None = None,
-        max_tokens: int | None = None,
-        parse: Parser | None = None,
+        temperature: float,
+        max_tokens: int,
+        parse: Parser | None,
+        first_attempt: int = 0,
+        stats: ApiStats | None = None,
     ) -> CallResult:
-        t0 = time.monotonic()
-        temperature = self.cfg.temperature if temperature is None else temperature
-        max_tokens = self.cfg.max_tokens if max_tokens is None else max_tokens
-        params = {"temperature": temperature, "max_tokens": max_tokens, "extra_body": self.cfg.extra_body}
-        key = None
-        if self.cache is not None and temperature == 0:
-            key = cache_key(self.cfg.api_base or "", self.model, messages, params)
-            hit = self._from_cache(key, parse, t0)
-            if hit is not None:
-                return hit
-        self.stats.add("calls")
-        result = await self._attempts(messages, temperature, max_tokens, parse)
-        result.latency_s = time.monotonic() - t0
-        if result.ok:
-            if key is not None and self.cache is not None:
-                self.cache.put(key, result.text, result.prompt_tokens, result.completion_tokens)
-        else:
-            self.stats.add("failed")
-            self.stats.add_error(result.kind or "other", result.error or "")
-        return result
+        """Attempts ``first_attempt`` .. ``retries`` of one call, counted into ``stats`` (default ``self.stats``).
 
-    def _from_cache(self, key: str, parse: Parser | None, t0: float) -> CallResult | None:
-        assert self.cache is not None
-        hit = self.cache.get(key)
-        if hit is None:
-            return None
-        text, pt, ct = hit
-        try:
-            value = parse(text) if parse else text
-        except Exception:
-            return None  # stored under another parser; ask again
-        self.stats.add("cache_hits")
-        return CallResult(
-            ok=True, text=text, value=value, prompt_tokens=pt, completion_tokens=ct, cached=True,
-            endpoint=self.endpoint, latency_s=time.monotonic() - t0,
-        )  # fmt: skip
-
-    async def _attempts(
-        self, messages: Sequence[Message], temperature: float, max_tokens: int, parse: Parser | None
-    ) -> CallResult:
+        The worker process continues a call whose reply the trainer's parser rejected from the next attempt.
+        """
         cfg = self.cfg
+        stats = self.stats if stats is None else stats
         if self._sem is None:
             self._sem = asyncio.Semaphore(cfg.max_concurrency)
         res = CallResult(ok=False, endpoint=self.endpoint)
         estimate = sum(len(m.get("content") or "") for m in messages) / 4 + max_tokens
-        for attempt in range(cfg.retries + 1):
+        for attempt in range(first_attempt, cfg.retries + 1):
             res.attempts = attempt + 1
             if self._rpm is not None:
                 await self._rpm.acquire(1)
@@ -236,9 +195,9 @@ class ApiClient:
                     exc: BaseException | None = None
                 except Exception as e:  # classified below; never escapes as an exception
                     resp, exc = None, e
-                self.stats.add_latency(time.monotonic() - t_req)
+                stats.add_latency(time.monotonic() - t_req)
             if exc is None:
-                kind, status, retry_after, detail = self._accept(resp, res, parse, estimate)
+                kind, status, retry_after, detail = self._accept(resp, res, parse, estimate, stats)
                 if kind is None:
                     res.ok, res.error, res.kind = True, None, None
                     return res
@@ -252,7 +211,7 @@ class ApiClient:
             if not retryable or attempt == cfg.retries:
                 break
             res.retries += 1
-            self.stats.add("retries")
+            stats.add("retries")
             await asyncio.sleep(
                 backoff_delay(attempt, cfg.backoff_s, cfg.max_backoff_s, retry_after, self._rng)
             )
@@ -262,7 +221,7 @@ class ApiClient:
         return res
 
     def _accept(
-        self, resp: Any, res: CallResult, parse: Parser | None, estimate: float
+        self, resp: Any, res: CallResult, parse: Parser | None, estimate: float, stats: ApiStats
     ) -> tuple[ErrorKind | None, int | None, float | None, str]:
         """Fill ``res`` from a reply; return ``(None, ...)`` when it is usable, else why not."""
         try:
@@ -274,14 +233,14 @@ class ApiClient:
         ct = int(getattr(usage, "completion_tokens", 0) or 0)
         res.prompt_tokens += pt
         res.completion_tokens += ct
-        self.stats.add("prompt_tokens", pt)
-        self.stats.add("completion_tokens", ct)
+        stats.add("prompt_tokens", pt)
+        stats.add("completion_tokens", ct)
         cost = (
             pt / 1000 * self.cfg.price_per_1k_prompt_tokens
             + ct / 1000 * self.cfg.price_per_1k_completion_tokens
         )
         res.cost += cost
-        self.stats.add_cost(cost)
+        stats.add_cost(cost)
         if self._tpm is not None and (pt or ct):
             self._tpm.debit(pt + ct - estimate)
         res.text = text or ""

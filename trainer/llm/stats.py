@@ -72,6 +72,13 @@ class ApiStats:
             self._error_kinds[kind] += 1
             self._errors.append(line)
 
+    def absorb(self, delta: dict[str, Any]) -> None:
+        """Add another ``ApiStats``'s ``state_dict()`` plus its ``latencies`` (the API worker's per-call counts)."""
+        with self._lock:
+            self._counts.update(delta.get("counts", {}))
+            self._cost += float(delta.get("cost", 0.0))
+            self._latencies.extend(delta.get("latencies", ()))
+
     # ------------------------------------------------------------------ reads (any thread)
 
     @property

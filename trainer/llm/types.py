@@ -100,3 +100,26 @@ def redact(text: str, secrets: Sequence[str | None] = ()) -> str:
     for pattern, repl in _PATTERNS:
         text = pattern.sub(repl, text)
     return text
+
+
+def read_api_key(cfg: Any, role: str) -> str:
+    """The API key of an ``ApiBackendConfig`` from the variable it names; "none" when it names none.
+
+    Read in each process that needs it (the trainer, to redact; the API worker, to send): the key travels
+    through the environment only, never through a config, a message between processes, a log or a file.
+    """
+    import os
+
+    from trainer.errors import UserError
+
+    if cfg.api_key_env is None:
+        # Local OpenAI-compatible servers ignore the key, but the OpenAI client insists on one.
+        return "none"
+    key = os.environ.get(cfg.api_key_env)
+    if not key:
+        raise UserError(
+            f"{role}.api_key_env",
+            f"environment variable {cfg.api_key_env} is not set (it should hold the API key for {cfg.api_base})",
+            hint=f"export {cfg.api_key_env}=... before starting the run",
+        )
+    return key

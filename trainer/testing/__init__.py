@@ -5,6 +5,8 @@
 - ``trainer.testing.fault_proxy.FaultProxy`` sits in front of it and injects 429s with
   ``Retry-After``, 500s, stalls, malformed JSON, dropped connections and added latency, and
   counts the requests in flight.
+- ``trainer.testing.sglang_server.SGLangDouble`` serves the SGLang 0.5.x HTTP API (``/generate``, weight
+  hand-over, LoRA adapters) with a local model in a subprocess: what the SGLang engine is tested against.
 
 Used by the tests and the benchmarks; nothing in the training path imports this package.
 """

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -35,6 +34,8 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from trainer.testing.server_process import ServerProcess
+
 
 def free_port(host: str = "127.0.0.1") -> int:
     """A port that was free a moment ago (the server binds it right after; a race is unlikely here)."""
@@ -43,7 +44,7 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
-class TransformersServer:
+class TransformersServer(ServerProcess):
     """``transformers serve`` on ``model_dir`` in a subprocess, bound to 127.0.0.1 on a free port."""
 
     def __init__(
@@ -136,25 +137,3 @@ class TransformersServer:
         )
         with urllib.request.urlopen(req, timeout=60) as r:
             json.loads(r.read())
-
-    def log_tail(self, chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-chars:]
-        except OSError:
-            return "(no log)"
-
-    def stop(self) -> None:
-        if self._proc is None or self._proc.poll() is not None:
-            return
-        os.killpg(self._proc.pid, signal.SIGTERM)
-        try:
-            self._proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            os.killpg(self._proc.pid, signal.SIGKILL)
-            self._proc.wait(timeout=10)
-
-    def __enter__(self) -> TransformersServer:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()

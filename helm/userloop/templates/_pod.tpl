@@ -139,8 +139,11 @@ spec:
         - name: MPLCONFIGDIR
           value: /tmp/.cache/matplotlib
         {{- if .Values.sglang.enabled }}
+        # rollout.sglang.url and .weights_dir default to these (resolved when the trainer starts).
         - name: USERLOOP_SGLANG_URL
           value: {{ printf "http://127.0.0.1:%d" (int .Values.sglang.port) }}
+        - name: USERLOOP_WEIGHTS_DIR
+          value: /weights
         {{- end }}
         {{- if .Values.apiKeySecret.name }}
         # Only a reference: the key itself never appears in a manifest, a ConfigMap or a log.
