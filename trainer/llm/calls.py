@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import random
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from typing import Any
 
@@ -15,7 +16,7 @@ from trainer.llm.stats import ApiStats
 from trainer.llm.types import CallResult, Message, Parser
 
 
-class CachedCalls:
+class CachedCalls(ABC):
     cfg: Any  # ApiBackendConfig
     model: str
     endpoint: str
@@ -33,10 +34,11 @@ class CachedCalls:
         self.cache = cache if cfg.cache else None
         self._rng = random.Random(seed)  # backoff jitter
 
+    @abstractmethod
     async def _attempts(
         self, messages: Sequence[Message], temperature: float, max_tokens: int, parse: Parser | None
     ) -> CallResult:
-        raise NotImplementedError
+        """Attempts until a reply is accepted or the retries are spent (in-process, or through the API worker)."""
 
     async def complete(
         self,

@@ -5,18 +5,20 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Self
 
 
-class ServerProcess:
+class ServerProcess(ABC):
     """Subclasses set ``log_path`` and ``_proc`` (in ``start``, which returns ``self``)."""
 
     log_path: Path
     _proc: subprocess.Popen | None = None
 
+    @abstractmethod
     def start(self) -> Self:
-        raise NotImplementedError
+        """Start the child (setting ``_proc``), wait until it answers, return ``self``."""
 
     def log_tail(self, chars: int = 4000) -> str:
         try:
