@@ -9,12 +9,16 @@ Benchmarks (``--only`` names), each a section of docs/benchmarks.md:
 
 - ``grpo``: GRPO step throughput, userloop (``launcher run``) vs TRL's GRPOTrainer vs the floor (bare
   generate + forward/backward), full fine-tuning and LoRA (``benchmarks.grpo_step``);
+- ``logprobs``: the GRPO update's loss head at Qwen3's 151,936-token vocabulary, time and peak memory,
+  userloop vs TRL vs the plain log-softmax (``benchmarks.logprob_head``);
 - ``api``: API client calls/s against C / L, client CPU per call, GIL cost to a busy loop (``benchmarks.api_client``);
 - ``checkpoint``: checkpoint save/load against raw disk bandwidth, step blocking (``benchmarks.checkpoint_io``);
 - ``launcher``: cold start of ``launcher --help / render / validate`` (``benchmarks.launcher_cold_start``);
 - ``overlap``: multi-turn rollout overlap against its bound and the turn-synchronous loop
   (``benchmarks.multiturn_overlap``);
-- ``gpu``: the GPU benchmark's section; without a CUDA device it records what was not measured and why.
+- ``gpu``: userloop vs TRL on a Qwen3-0.6B-sized model on a GPU: generation and update tokens/s, MFU of the
+  update (``benchmarks.gpu``); without a CUDA device it records what was not measured and why (``--quick``:
+  the same path on the CPU with a tiny model).
 
 Compared commands run interleaved (A B A B ...) so that drift of the machine lands on all of them; every
 figure is a median. ``OMP_NUM_THREADS`` is set to ``--threads`` (default: the CPU count) for every timed
@@ -34,9 +38,9 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from benchmarks.common import DOCS, REPO, machine, utc_now, write_section
+from benchmarks.common import DOCS, REPO, write_section
 
-NAMES = ("grpo", "api", "checkpoint", "launcher", "overlap", "gpu")
+NAMES = ("grpo", "logprobs", "api", "checkpoint", "launcher", "overlap", "gpu")
 
 
 def _grpo(quick: bool, threads: int, rounds: int | None, log) -> tuple[str, str, dict]:
@@ -45,6 +49,17 @@ def _grpo(quick: bool, threads: int, rounds: int | None, log) -> tuple[str, str,
     s = grpo_step.with_rounds(grpo_step.QUICK if quick else grpo_step.FULL, rounds)
     res = grpo_step.bench(s, threads, log=log)
     return grpo_step.HEADING, grpo_step.section(res, _command("grpo", quick, threads, rounds)), res
+
+
+def _logprobs(quick: bool, threads: int, rounds: int | None, log) -> tuple[str, str, dict]:
+    from dataclasses import replace
+
+    from benchmarks import logprob_head
+
+    s = logprob_head.QUICK if quick else logprob_head.FULL
+    s = s if rounds is None else replace(s, rounds=rounds)
+    res = logprob_head.bench(s, threads, log=log)
+    return logprob_head.HEADING, logprob_head.section(res, _command("logprobs", quick, threads, rounds)), res
 
 
 def _api(quick: bool, threads: int, rounds: int | None, log) -> tuple[str, str, dict]:
@@ -99,36 +114,29 @@ GPU_HEADING = "## GPU (H200 class)"
 
 
 def _gpu(quick: bool, threads: int, rounds: int | None, log) -> tuple[str, str, dict]:
+    from dataclasses import replace
+
+    from benchmarks import gpu
+
     try:
         import torch
 
         cuda = torch.cuda.is_available()
     except ImportError:
         cuda = False
-    what = (
-        "What it would measure, userloop against TRL side by side in one command: a random-initialised "
-        "Qwen3-0.6B-sized model (the checkpoint benchmark's `Qwen3Config`), bf16, HF engine; generation "
-        "tokens/s of the rollout (`time/engine_busy_s` against the sampled tokens), update-step tokens/s "
-        "(`time/update_s` against the trained tokens) and the update step's model FLOPs utilisation, "
-        "6 x parameters x tokens (+ attention) / step time / the GPU's bf16 dense peak (989 TFLOP/s for an "
-        "H200 SXM). Target: MFU of the update step >= 35 %."
-    )
-    command = "pip install -e '.[dev,bench]' && python -m benchmarks.run --only gpu --write"
-    if cuda:
-        status = (f"A CUDA device is present ({torch.cuda.get_device_name(0)}), but the GPU benchmark is not "
-                  "implemented yet: nothing was measured.")  # fmt: skip
-    else:
-        status = (f"**Not measured: no GPU was lent to the session that ran this** (`{_command('gpu', quick, threads, rounds)}`, "
-                  f"{utc_now()}; {machine()}). Every other table here is from the CPU.")  # fmt: skip
-    status += (
-        f"\n\nThe command that measures it, on an H200-class machine: `{command}`. Its measuring half is not "
-        "written yet: no session so far had a GPU to build and check it on, and an unchecked MFU figure would "
-        "be worse than none. Until then that command, on a GPU, records only that a CUDA device is present."
-    )
-    return GPU_HEADING, f"{GPU_HEADING}\n\n{status}\n\n{what}\n", {"cuda": cuda}
+    command = _command("gpu", quick, threads, rounds)
+    if not quick and not cuda:
+        why = "no GPU was lent to the session that ran this"
+        text = gpu.not_measured(command, f"pip install -e '.[dev,bench]' && {gpu.DEVICE_COMMAND}", why)
+        return GPU_HEADING, text, {"cuda": False, "measured": False}
+    s = gpu.QUICK if quick else gpu.FULL
+    s = s if rounds is None else replace(s, rounds=rounds)
+    peak = float(os.environ[gpu.PEAK_ENV]) if os.environ.get(gpu.PEAK_ENV) else None
+    res = gpu.bench(s, threads, peak, log=log)
+    return GPU_HEADING, gpu.section(res, command), {**res, "cuda": cuda, "measured": True}
 
 
-RUNNERS: dict[str, Callable] = {"grpo": _grpo, "api": _api, "checkpoint": _checkpoint, "launcher": _launcher,
+RUNNERS: dict[str, Callable] = {"grpo": _grpo, "logprobs": _logprobs, "api": _api, "checkpoint": _checkpoint, "launcher": _launcher,
                                 "overlap": _overlap, "gpu": _gpu}  # fmt: skip
 _ARGV: list[str] = []
 

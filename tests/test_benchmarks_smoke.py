@@ -18,6 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 SECTIONS = {
     "grpo": ("## GRPO step throughput: userloop vs TRL vs the floor", "| full | floor |"),
+    "logprobs": ("## GRPO update at Qwen3's vocabulary: loss head time and memory", "| plain |"),
     "api": (
         "## API client throughput",
         "| the run's client: `ProcessApiClient` on this process's `LoopThread`",
@@ -34,7 +35,10 @@ SECTIONS = {
 
 def test_every_benchmark_runs_quick_and_writes_its_table(tmp_path: Path) -> None:
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    groups = {"a": ["grpo", "checkpoint", "gpu"], "b": ["api", "overlap", "launcher"]}  # ~equal halves
+    groups = {
+        "a": ["grpo", "checkpoint", "gpu"],
+        "b": ["api", "overlap", "launcher", "logprobs"],
+    }  # ~equal halves
     procs = {}
     for group, names in groups.items():
         docs = tmp_path / f"{group}.md"

@@ -54,17 +54,25 @@ def _no_gc_while_importing() -> Iterator[None]:
 
 
 def _exit(code: int) -> None:
-    """Exit without tearing the interpreter down after a successful run of one process.
+    """Exit without tearing the interpreter down after a successful run.
 
     A run that returned 0 went through ``Session.finish``: checkpoints joined and fsynced, logs and wandb
-    closed; the API worker, the event loop and the response cache closed by the algorithm loop. What is
-    left is the interpreter unloading ~2,800 modules of torch and transformers: 1.2-1.3 s after the last
-    step (issue 6's process profile) that nobody waits for. A failed run exits normally (its atexit hooks,
-    wandb's among them, may still have work), and so do several processes (the process group's shutdown).
+    closed; the API worker, the event loop and the response cache closed by the algorithm loop; the last
+    collective done. What is left is the interpreter unloading ~2,800 modules of torch and transformers:
+    1.2-1.3 s after the last step (issue 6's process profile) that nobody waits for. torchrun's processes
+    first leave the process group: left to the interpreter's teardown, its C++ threads could be destroyed
+    still running ("terminate called without an active exception", SIGABRT) and torchrun then reported a
+    finished run as failed (seen in the two-process SGLang test). A failed run exits normally (its atexit
+    hooks, wandb's among them, may still have work).
     """
     sys.stdout.flush()
     sys.stderr.flush()
-    if code == 0 and int(os.environ.get("WORLD_SIZE", "1")) == 1:
+    if code == 0:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            import torch.distributed as dist
+
+            if dist.is_available() and dist.is_initialized():
+                dist.destroy_process_group()
         os._exit(0)
     sys.exit(code)
 

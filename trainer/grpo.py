@@ -19,10 +19,10 @@ import time
 from dataclasses import dataclass, fields, replace
 
 import torch
-import torch.nn.functional as F
 
 from trainer.config.schema import RunConfig
 from trainer.engines.base import SamplingParams
+from trainer.logprobs import selected_logits, target_logprobs
 from trainer.metrics import read_metrics
 from trainer.rollout import EpisodeRunner, Trajectory, write_samples
 from trainer.session import Session, TrainResult
@@ -38,7 +38,8 @@ class RolloutBatch:
     loss_mask: torch.Tensor
     # [B] one advantage per sequence (episode-level GRPO), or [B, T-1] one per target token (turn-level GRPO, PPO)
     advantages: torch.Tensor
-    old_logp: torch.Tensor | None  # [B, T-1] log-probs at sampling time; None when equal to the current ones
+    # [B, T-1] log-probs under the policy that sampled the batch; ``policy_loss`` fills it on the first pass
+    old_logp: torch.Tensor | None
     # [B, T-1] the rollout engine's log-prob of each target token (0 off the loss mask); None when it reports none
     engine_logp: torch.Tensor | None = None
 
@@ -171,21 +172,24 @@ def engine_logprobs(trajectories: list[Trajectory], batch: RolloutBatch) -> torc
 
 
 def token_logprobs(model, batch: RolloutBatch, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of the target tokens [B, T-1] and the full log-softmax [B, T-1, V] (for entropy)."""
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1].float()
-    if temperature > 0:
-        logits = logits / temperature  # score the distribution the engine sampled from
-    logp_all = F.log_softmax(logits, dim=-1)
-    logp = logp_all.gather(-1, batch.input_ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    return logp, logp_all
+    """Log-probs of the target tokens and the entropy of each position's distribution, both [B, T-1] float32;
+    0 off the loss mask (only the trained positions' logits are computed)."""
+    trained = batch.loss_mask.bool()
+    logits = selected_logits(model, batch.input_ids, batch.attention_mask, trained)
+    t = temperature if temperature > 0 else 1.0  # score the distribution the engine sampled from
+    logp, entropy = target_logprobs(logits, batch.input_ids[:, 1:][trained], t)
+    # masked_scatter keeps the graph through the model even for a micro-batch without trained tokens
+    return tuple(x.new_zeros(trained.shape).masked_scatter(trained, x) for x in (logp, entropy))
 
 
 def policy_loss(session: Session, batch: RolloutBatch, cfg: RunConfig, n_tokens: float,
                 ref_model=None) -> tuple[torch.Tensor, dict[str, float]]:  # fmt: skip
     """Token-level GRPO loss summed over ``batch`` and divided by ``n_tokens`` (all completion tokens of the step)."""
     algo = cfg.algorithm
-    logp, logp_all = token_logprobs(session.model, batch, cfg.rollout.temperature)
-    old = batch.old_logp if batch.old_logp is not None else logp.detach()
+    logp, entropy = token_logprobs(session.model, batch, cfg.rollout.temperature)
+    if batch.old_logp is None:  # first pass over this micro-batch: ratio 1, later passes reuse these
+        batch.old_logp = logp.detach()
+    old = batch.old_logp
     ratio = torch.exp(logp - old)
     adv = batch.advantages  # [B, T-1] per token, or [B] per sequence: broadcast over its tokens
     adv = adv if adv.dim() == 2 else adv.unsqueeze(1)
@@ -193,8 +197,6 @@ def policy_loss(session: Session, batch: RolloutBatch, cfg: RunConfig, n_tokens:
     pg = -torch.minimum(ratio * adv, clipped * adv)
     per_token = pg
     mask = batch.loss_mask
-    with torch.set_grad_enabled(algo.entropy_coef > 0):
-        entropy = -(logp_all.exp() * logp_all).sum(-1)
     if algo.entropy_coef > 0:
         per_token = per_token - algo.entropy_coef * entropy
     kl = torch.zeros_like(logp)
@@ -271,15 +273,12 @@ def train(cfg: RunConfig) -> TrainResult:
             n_tokens = session.loss_denominator(
                 float(batch.loss_mask.sum())
             )  # every token counts once, any rank
-            if algo.updates_per_batch > 1:  # later passes need the sampling-time log-probs for the ratio
-                with torch.no_grad():
-                    batch.old_logp = torch.cat([token_logprobs(session.model, mb, cfg.rollout.temperature)[0]
-                                                for mb in batch.split(algo.grad_accum)])  # fmt: skip
 
-            # 3. Policy update(s).
+            # 3. Policy update(s). The first pass's log-probs are the sampling policy's (no step taken yet,
+            # dropout off): ``policy_loss`` keeps them on each micro-batch as the later passes' ratio baseline.
             t1 = time.perf_counter()
+            micro = batch.split(algo.grad_accum)
             for _ in range(algo.updates_per_batch):
-                micro = batch.split(algo.grad_accum)
                 step_stats: dict[str, float] = {}
                 for i, mb in enumerate(micro):
                     loss, stats = policy_loss(session, mb, cfg, n_tokens, ref_model)
@@ -294,7 +293,8 @@ def train(cfg: RunConfig) -> TrainResult:
 
             # 4. Metrics (averaged over processes), log, eval, checkpoint, stop.
             local = {**step_stats, **_rollout_metrics(trajectories, advantages, session.world), "grad_norm": grad_norm,
-                     "time/generate_s": t_gen, "time/update_s": t_update}  # fmt: skip
+                     "time/generate_s": t_gen, "time/update_s": t_update,
+                     "update/positions": algo.updates_per_batch * batch.input_ids.numel()}  # fmt: skip
             local.update(_summed(runner.step_metrics(trajectories), session.world))
             local["time/weight_sync_s"] = t_sync
             metrics = session.reduce_mean(local)

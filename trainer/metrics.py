@@ -8,7 +8,7 @@ Metric keys (metrics.jsonl, one JSON object per step; README documents each):
 ``step``, ``epoch``, ``loss/policy``, ``loss/total``, ``loss/sft``, ``reward/mean``, ``reward/std``,
 ``reward/<name>``, ``adv/abs_mean``, ``entropy``, ``kl``, ``clip_frac``, ``grad_norm``, ``lr``,
 ``completion/len_mean``, ``completion/finished``, ``tokens``, ``time/step_s``, ``time/generate_s``,
-``time/update_s``, ``throughput/tokens_per_s``, and ``eval/*`` on evaluation steps. GRPO adds
+``time/update_s``, ``update/positions``, ``throughput/tokens_per_s``, and ``eval/*`` on evaluation steps. GRPO adds
 ``episodes/*`` (``invalid``, ``invalid_rate``, ``invalid_total``, ``turns_mean``, ``malformed_actions``,
 ``truncated``), ``time/rollout_s``, ``time/engine_busy_s``, ``time/engine_idle_s`` (rollout time the
 engine had no generation to do: waiting for the API) and, with a user simulator or judge, ``api/*``

@@ -43,7 +43,6 @@ from trainer.grpo import (
     episode_runner,
     policy_loss,
     reference_model,
-    token_logprobs,
     trajectory_batch,
 )
 from trainer.rollout import Trajectory, write_samples
@@ -83,10 +82,6 @@ def train(cfg: RunConfig) -> TrainResult:
                 batch.old_values = torch.cat(
                     [values(critic, mb.input_ids, mb.attention_mask) for mb in micro]
                 )
-                if algo.updates_per_batch > 1:  # later passes need the sampling-time log-probs for the ratio
-                    batch.old_logp = torch.cat(
-                        [token_logprobs(session.model, mb, cfg.rollout.temperature)[0] for mb in micro]
-                    )
             rewards = token_rewards(*_reward_positions(trajectories, per_turn=algo.advantage == "turn"),
                                     (len(batch), batch.loss_mask.shape[1]), session.device)  # fmt: skip
             raw_adv, batch.returns = gae(rewards, batch.old_values, batch.loss_mask, algo.gamma, algo.lam)
@@ -94,10 +89,10 @@ def train(cfg: RunConfig) -> TrainResult:
             batch.advantages = whiten(raw_adv, batch.loss_mask)
             n_tokens = session.loss_denominator(float(batch.loss_mask.sum()))
 
-            # 3. Policy and critic updates.
+            # 3. Policy and critic updates (the first pass's log-probs become the ratio's baseline, as in GRPO).
             t1 = time.perf_counter()
+            micro = batch.split(algo.grad_accum)
             for _ in range(algo.updates_per_batch):
-                micro = batch.split(algo.grad_accum)
                 step_stats: dict[str, float] = {}
                 for i, mb in enumerate(micro):
                     pl, stats = policy_loss(session, mb, cfg, n_tokens, ref_model)
@@ -117,7 +112,8 @@ def train(cfg: RunConfig) -> TrainResult:
             # 4. Metrics (averaged over processes), log, eval, checkpoint, stop.
             local = {**step_stats, **_rollout_metrics(trajectories, [], session.world),
                      **_value_metrics(raw_adv, batch), "grad_norm": grad_norm, "critic/grad_norm": critic_norm,
-                     "time/generate_s": t_gen, "time/update_s": t_update, "time/weight_sync_s": t_sync}  # fmt: skip
+                     "time/generate_s": t_gen, "time/update_s": t_update,
+                     "update/positions": algo.updates_per_batch * batch.input_ids.numel(), "time/weight_sync_s": t_sync}  # fmt: skip
             local.update(_summed(runner.step_metrics(trajectories), session.world))
             metrics = session.reduce_mean(local)
             if session.is_main and not runner.single_turn:

@@ -280,6 +280,8 @@ class Session:
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":  # the step's timings are host clocks: let them cover AdamW's kernels
+            torch.cuda.synchronize(self.device)
         return float(norm)
 
     def reduce_mean(self, values: dict[str, float]) -> dict[str, float]:

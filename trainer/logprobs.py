@@ -1,0 +1,135 @@
+"""Log-prob and entropy of each trained token: logits only where a token is trained, reduced chunk by chunk.
+
+The plain way (``log_softmax(logits.float())``, then ``gather`` and ``-(p * logp).sum()``) keeps several
+float32 copies of the [B, T, V] logits alive for the backward pass: the up-cast, the temperature-scaled
+copy, the log-softmax, ``exp`` and the product. With Qwen3's 151,936-token vocabulary one such copy is
+~600 MB per 1,000 tokens, so those copies, not the model, set the micro-batch size a GPU can hold, and
+their element-wise passes cost more time than the model's matmuls on short sequences. Here the forward
+pass keeps only the logits (in the model's dtype) and one float32 log-sum-exp per token; the backward
+recomputes the softmax one chunk of rows at a time and writes the gradient straight in the logits' dtype.
+Before that, ``selected_logits`` asks the model for logits only at the positions whose next token is
+trained (``logits_to_keep``): the LM head, a V x hidden matmul per position, skips prompts, the user's and
+the environment's turns, and padding.
+
+Gradients (z = logits / temperature, p = softmax(z), lse = logsumexp(z), H = -sum(p log p)):
+  d logp[target] / dz = onehot(target) - p
+  d H / dz            = -p (log p + H) = -p (z - lse + H)
+"""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+import torch.nn.functional as F
+
+from trainer.model import unwrap
+
+# Rows per chunk: ~256 MB of float32 work space per temporary, whatever the vocabulary.
+_CHUNK_BYTES = 256 * 2**20
+
+
+def _rows_per_chunk(vocab: int) -> int:
+    return max(1, _CHUNK_BYTES // (4 * vocab))
+
+
+class _TargetLogprobs(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int):
+        n, acc = logits.shape[0], torch.promote_types(logits.dtype, torch.float32)
+        logp = torch.empty(n, dtype=acc, device=logits.device)
+        entropy = torch.empty_like(logp)
+        lse = torch.empty_like(logp)
+        for s in range(0, n, chunk):
+            z = logits[s : s + chunk].to(lse.dtype)
+            if temperature != 1.0:
+                z = z / temperature  # never in place: for float32 logits ``z`` is the saved input itself
+            c = torch.logsumexp(z, dim=-1)
+            lse[s : s + chunk] = c
+            logp[s : s + chunk] = z.gather(-1, targets[s : s + chunk, None]).squeeze(-1) - c
+            logp_all = z - c[:, None]  # entropy from it, not as lse - sum(p z): that cancels badly in float32
+            entropy[s : s + chunk] = -(logp_all.exp() * logp_all).sum(-1)
+        ctx.save_for_backward(logits, targets, lse, entropy)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.set_materialize_grads(False)  # an unused output (entropy without a bonus) gets None, not zeros
+        ctx.mark_non_differentiable(lse)
+        return logp, entropy, lse
+
+    @staticmethod
+    def backward(ctx, g_logp: torch.Tensor | None, g_entropy: torch.Tensor | None, _g_lse):
+        logits, targets, lse, entropy = ctx.saved_tensors
+        temperature, chunk = ctx.temperature, ctx.chunk
+        grad = torch.empty_like(logits)
+        for s in range(0, logits.shape[0], chunk):
+            x = logits[s : s + chunk]
+            logp_all = x.to(lse.dtype)  # worked on in place below: must not be the saved logits themselves
+            if temperature != 1.0:
+                logp_all = logp_all / temperature
+            elif logp_all.data_ptr() == x.data_ptr():
+                logp_all = logp_all.clone()
+            logp_all.sub_(lse[s : s + chunk, None])
+            p = logp_all.exp()
+            g = torch.zeros_like(p) if g_logp is None else p * -g_logp[s : s + chunk, None]
+            if g_logp is not None:
+                g.scatter_add_(-1, targets[s : s + chunk, None], g_logp[s : s + chunk, None])
+            if g_entropy is not None:  # -p (log p + H) g_H, built in logp_all's storage
+                g.sub_(
+                    logp_all.add_(entropy[s : s + chunk, None]).mul_(g_entropy[s : s + chunk, None]).mul_(p)
+                )
+            if temperature != 1.0:
+                g.div_(temperature)
+            grad[s : s + chunk] = g
+        return grad, None, None, None
+
+
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor,
+                    temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``log softmax(logits / temperature)[target]`` and the entropy of that distribution, both float32.
+
+    ``logits`` [..., V] in any floating dtype, ``targets`` [...] token ids. Either output may take part in
+    the loss; the backward pass never holds a float32 [..., V] tensor larger than one chunk.
+    """
+    shape, vocab = targets.shape, logits.shape[-1]
+    flat = logits.reshape(-1, vocab)  # a view: model logits are contiguous
+    logp, entropy, _ = _TargetLogprobs.apply(
+        flat, targets.reshape(-1), float(temperature), _rows_per_chunk(vocab)
+    )
+    return logp.view(shape), entropy.view(shape)
+
+
+def selected_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    trained: torch.Tensor) -> torch.Tensor:  # fmt: skip
+    """Logits [n, V] of the n positions whose *next* token is trained (``trained`` [B, T-1] bool, row-major order)."""
+    positions = F.pad(trained, (0, 1))  # [B, T]: position t predicts token t+1, the last one predicts none
+    if keeps_selected_positions(model):
+        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=positions).logits
+        if logits.dim() == 2:
+            return logits
+        raise RuntimeError(f"{type(unwrap(model)).__name__} returned logits of shape {tuple(logits.shape)} for a "
+                           "boolean logits_to_keep; expected [positions, vocabulary]")  # fmt: skip
+    return model(input_ids=input_ids, attention_mask=attention_mask).logits[positions]
+
+
+def keeps_selected_positions(model: torch.nn.Module) -> bool:
+    """Whether the causal LM under ``model`` (DDP and PEFT wrappers too) takes a [B, T] boolean ``logits_to_keep``
+    (transformers' ``slice_logits_to_keep``: Llama, Qwen2/3, Mistral, Gemma and most other decoder models)."""
+    lm = unwrap(model)
+    lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
+    return _takes_position_mask(type(lm))
+
+
+_VERDICTS: dict[type, bool] = {}
+
+
+def _takes_position_mask(cls: type) -> bool:
+    if cls not in _VERDICTS:
+        try:
+            from transformers.modeling_utils import slice_logits_to_keep
+
+            h = torch.zeros(1, 3, 1)
+            helper_ok = slice_logits_to_keep(h, torch.tensor([[True, False, True]])).shape == (2, 1)
+        except (ImportError, IndexError, RuntimeError):
+            helper_ok = False
+        forward = inspect.unwrap(cls.forward)
+        _VERDICTS[cls] = helper_ok and "slice_logits_to_keep" in getattr(forward, "__code__", None).co_names
+    return _VERDICTS[cls]
