@@ -35,10 +35,11 @@ def _rows_per_chunk(vocab: int) -> int:
 
 class _TargetLogprobs(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int):
+    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, temperature: float, chunk: int,
+                with_entropy: bool = True):  # fmt: skip
         n, acc = logits.shape[0], torch.promote_types(logits.dtype, torch.float32)
         logp = torch.empty(n, dtype=acc, device=logits.device)
-        entropy = torch.empty_like(logp)
+        entropy = torch.empty_like(logp) if with_entropy else torch.zeros_like(logp)
         lse = torch.empty_like(logp)
         for s in range(0, n, chunk):
             z = logits[s : s + chunk].to(lse.dtype)
@@ -47,10 +48,11 @@ class _TargetLogprobs(torch.autograd.Function):
             c = torch.logsumexp(z, dim=-1)
             lse[s : s + chunk] = c
             logp[s : s + chunk] = z.gather(-1, targets[s : s + chunk, None]).squeeze(-1) - c
-            logp_all = z - c[:, None]  # entropy from it, not as lse - sum(p z): that cancels badly in float32
-            entropy[s : s + chunk] = -(logp_all.exp() * logp_all).sum(-1)
+            if with_entropy:  # from the log-softmax, not as lse - sum(p z): that cancels badly in float32
+                logp_all = z - c[:, None]
+                entropy[s : s + chunk] = -(logp_all.exp() * logp_all).sum(-1)
         ctx.save_for_backward(logits, targets, lse, entropy)
-        ctx.temperature, ctx.chunk = temperature, chunk
+        ctx.temperature, ctx.chunk, ctx.with_entropy = temperature, chunk, with_entropy
         ctx.set_materialize_grads(False)  # an unused output (entropy without a bonus) gets None, not zeros
         ctx.mark_non_differentiable(lse)
         return logp, entropy, lse
@@ -59,6 +61,7 @@ class _TargetLogprobs(torch.autograd.Function):
     def backward(ctx, g_logp: torch.Tensor | None, g_entropy: torch.Tensor | None, _g_lse):
         logits, targets, lse, entropy = ctx.saved_tensors
         temperature, chunk = ctx.temperature, ctx.chunk
+        g_entropy = g_entropy if ctx.with_entropy else None  # zeros were returned: a constant
         grad = torch.empty_like(logits)
         for s in range(0, logits.shape[0], chunk):
             x = logits[s : s + chunk]
@@ -79,12 +82,13 @@ class _TargetLogprobs(torch.autograd.Function):
             if temperature != 1.0:
                 g.div_(temperature)
             grad[s : s + chunk] = g
-        return grad, None, None, None
+        return grad, None, None, None, None
 
 
-def target_logprobs(logits: torch.Tensor, targets: torch.Tensor,
-                    temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """``log softmax(logits / temperature)[target]`` and the entropy of that distribution, both float32.
+def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
+                    with_entropy: bool = True) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """``log softmax(logits / temperature)[target]`` and the entropy of that distribution (zeros without
+    ``with_entropy``), both float32.
 
     ``logits`` [..., V] in any floating dtype, ``targets`` [...] token ids. Either output may take part in
     the loss; the backward pass never holds a float32 [..., V] tensor larger than one chunk.
@@ -92,7 +96,7 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor,
     shape, vocab = targets.shape, logits.shape[-1]
     flat = logits.reshape(-1, vocab)  # a view: model logits are contiguous
     logp, entropy, _ = _TargetLogprobs.apply(
-        flat, targets.reshape(-1), float(temperature), _rows_per_chunk(vocab)
+        flat, targets.reshape(-1), float(temperature), _rows_per_chunk(vocab), with_entropy
     )
     return logp.view(shape), entropy.view(shape)
 

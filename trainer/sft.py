@@ -10,10 +10,10 @@ from __future__ import annotations
 import time
 
 import torch
-import torch.nn.functional as F
 
 from trainer.config.schema import RunConfig
 from trainer.errors import UserError
+from trainer.logprobs import selected_logits, target_logprobs
 from trainer.prompts import encode_sft
 from trainer.session import Session, TrainResult
 
@@ -29,6 +29,20 @@ def collate(examples: list[tuple[list[int], list[int]]], pad_id: int, device) ->
         attn[i, : len(seq)] = 1
         mask[i, : len(m)] = torch.tensor(m, dtype=torch.float32)
     return ids.to(device), attn.to(device), mask[:, 1:].to(device)
+
+
+def response_nll(
+    model: torch.nn.Module, ids: torch.Tensor, attn: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """Summed negative log-likelihood of the response tokens (``mask`` [B, T-1] over targets), float32.
+
+    Logits only at the response positions and no float32 copy of them (``trainer.logprobs``): with a
+    152k-token vocabulary the full-width float32 cross-entropy held several GB per micro-batch.
+    """
+    trained = mask.bool()
+    logits = selected_logits(model, ids, attn, trained)
+    logp, _ = target_logprobs(logits, ids[:, 1:][trained], with_entropy=False)
+    return -logp.sum()
 
 
 def train(cfg: RunConfig) -> TrainResult:
@@ -49,11 +63,10 @@ def train(cfg: RunConfig) -> TrainResult:
         size = -(-len(batch) // cfg.algorithm.grad_accum)
         chunks = list(range(0, len(batch), size))
         for j, i in enumerate(chunks):
-            logits = session.model(input_ids=ids[i : i + size], attention_mask=attn[i : i + size]).logits[
-                :, :-1
-            ]
-            nll = F.cross_entropy(logits.float().transpose(1, 2), ids[i : i + size, 1:], reduction="none")
-            loss = (nll * mask[i : i + size]).sum() / n_tokens
+            loss = (
+                response_nll(session.model, ids[i : i + size], attn[i : i + size], mask[i : i + size])
+                / n_tokens
+            )
             session.backward(loss, sync=j == len(chunks) - 1)
             total += float(loss.detach()) * n_tokens / max(float(mask.sum()), 1.0)  # this rank's token mean
         grad_norm = session.optimizer_step()

@@ -202,3 +202,31 @@ def test_later_update_passes_reuse_the_first_pass_log_probs(tiny_model, make_con
     assert clip_reused == pytest.approx(clip_precomputed)
     for a, b in zip(reused, precomputed, strict=True):
         torch.testing.assert_close(a, b)
+
+
+def test_sft_response_nll_equals_the_cross_entropy_it_replaces(tiny_model):
+    from transformers import AutoModelForCausalLM
+
+    from trainer.sft import collate, response_nll
+
+    ids, attn, mask = collate([([5, 6, 7, 8, 9], [0, 0, 1, 1, 1]), ([5, 6, 10], [0, 1, 1])], 0, "cpu")
+    a, b = (AutoModelForCausalLM.from_pretrained(tiny_model) for _ in range(2))
+    got = response_nll(a, ids, attn, mask)
+    logits = b(input_ids=ids, attention_mask=attn).logits[:, :-1]
+    want = (F.cross_entropy(logits.float().transpose(1, 2), ids[:, 1:], reduction="none") * mask).sum()
+    torch.testing.assert_close(got, want)
+    got.backward()
+    want.backward()
+    for p, q in zip(a.parameters(), b.parameters(), strict=True):
+        torch.testing.assert_close(p.grad, q.grad, atol=1e-6, rtol=1e-4)
+
+
+def test_without_entropy_the_entropy_output_is_a_constant():
+    logits = torch.randn(6, 40, requires_grad=True)
+    targets = torch.randint(0, 40, (6,))
+    logp, ent = target_logprobs(logits, targets, with_entropy=False)
+    assert not ent.any()
+    (logp.sum() + ent.sum()).backward()  # the zeros take no part in the gradient
+    ref = logits.detach().clone().requires_grad_()
+    plain(ref, targets, 1.0)[0].sum().backward()
+    torch.testing.assert_close(logits.grad, ref.grad)
