@@ -43,15 +43,15 @@ class Rendered:
 
 
 def chart_dir() -> Path:
-    """The chart: ``$USERLOOP_CHART`` if set, else ``helm/userloop`` of this checkout (the trainer image
-    and an editable install both have it next to the ``launcher`` package)."""
+    """The chart: ``$USERLOOP_CHART`` if set, else ``launcher/chart``: in a checkout a link to ``helm/userloop``,
+    in an installed wheel a copy of it (pyproject's package data), so ``pip install userloop`` renders too."""
     override = os.environ.get("USERLOOP_CHART")
-    path = Path(override) if override else Path(__file__).resolve().parent.parent / "helm" / "userloop"
+    path = Path(override) if override else Path(__file__).resolve().parent / "chart"
     if not (path / "Chart.yaml").is_file():
         raise UserError(
             str(path),
             "Helm chart not found",
-            hint="run from a userloop checkout or set USERLOOP_CHART=/path/to/helm/userloop",
+            hint="reinstall userloop, or set USERLOOP_CHART=/path/to/helm/userloop",
         )
     return path
 

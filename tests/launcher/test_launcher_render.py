@@ -62,6 +62,46 @@ def test_shipped_crd_is_the_shared_one() -> None:
     assert shared.read_bytes() == checks.CRD_PATH.read_bytes()
 
 
+def test_the_wheel_ships_every_file_of_the_chart() -> None:
+    """pyproject's package data lists the chart's files by pattern: a new template must not be left out."""
+    import fnmatch
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+
+    patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
+        "launcher"
+    ]
+    chart = REPO / "helm" / "userloop"
+    files = [p.relative_to(chart).as_posix() for p in chart.rglob("*") if p.is_file()]
+    assert "Chart.yaml" in files and "templates/pytorchjob.yaml" in files
+    missing = [f for f in files if not any(fnmatch.fnmatchcase(f"chart/{f}", pat) for pat in patterns)]
+    assert not missing, f"add these to [tool.setuptools.package-data] launcher: {missing}"
+    assert (REPO / "launcher" / "chart").resolve() == chart.resolve()  # the checkout's link
+
+
+def test_an_installed_launcher_renders_without_the_checkout(tmp_path: Path) -> None:
+    """Like a wheel install: the launcher package with a real copy of the chart, run from another directory."""
+    import shutil
+    import subprocess
+    import sys
+
+    site = tmp_path / "site"
+    shutil.copytree(REPO / "launcher", site / "launcher", symlinks=False,
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    shutil.copytree(REPO / "trainer" / "config", site / "trainer" / "config",
+                    ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    for name in ("__init__.py", "errors.py"):
+        shutil.copy(REPO / "trainer" / name, site / "trainer" / name)
+    assert not (site / "launcher" / "chart").is_symlink()
+    env = {k: v for k, v in os.environ.items() if k not in ("USERLOOP_CHART", "PYTHONPATH")}
+    out = subprocess.run([sys.executable, "-c", "import sys; from launcher.cli import main; sys.exit(main())", "render",
+                          str(DATA / "sidecar.yaml"), "-o", str(tmp_path / "out")],
+                         cwd=tmp_path, env={**env, "PYTHONPATH": str(site)}, capture_output=True, text=True,
+                         timeout=120)  # fmt: skip
+    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    assert any((tmp_path / "out").iterdir())
+
+
 def test_should_run_the_trainer_as_container_pytorch_with_torchrun() -> None:
     cfg, rendered = _render(DATA / "sidecar.yaml")
     for spec in _pods(rendered).values():

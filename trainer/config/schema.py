@@ -106,7 +106,7 @@ class AlgorithmConfig(Section):
         1,
         ge=1,
         description="GRPO, PPO: optimizer passes over each batch of rollouts (μ in the GRPO paper, PPO's epochs). "
-        "With 1, the old log-probs equal the current ones and are not recomputed.",
+        "The ratio's old log-probs are the first pass's own: no extra forward.",
     )
     kl_coef: float = Field(
         0.0,
