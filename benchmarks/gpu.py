@@ -11,11 +11,12 @@ Measured for each command, side by side in one run (userloop, TRL, userloop, TRL
 - MFU of the update step: model FLOPs of the update (``model_flops``) / update time / the GPU's bf16 dense peak.
 
 Model FLOPs (``model_flops``): forward = 2 x (matmul weights of every layer) x positions + 2 x hidden x vocab x
-(LM-head positions) + attention 4 x heads x head_dim x (query-key pairs: causal, t(t+1)/2 per row of t
-positions), backward = 2 x forward, so the update = 3 x forward. Embedding lookups, norms, activations,
+(LM-head positions) + attention 4 x layers x heads x head_dim x (query-key pairs: causal, t(t+1)/2 per row
+of t positions, what a causal kernel computes; PaLM's MFU formula counts the full t^2, which would credit
+both commands with more), backward = 2 x forward, so the update = 3 x forward. Embedding lookups, norms, activations,
 softmax and the optimizer are not counted (the usual MFU convention). LM-head positions are the completion
-tokens the loss scores, for both commands: TRL's fused head and userloop's ``logits_to_keep`` (``trainer.logprobs``)
-project only those. No other forward runs in
+tokens the loss scores, for both commands: TRL's fused head and userloop's LM-head pre-hook
+(``trainer.logprobs.selected_logits``) project only those. No other forward runs in
 either update: one update per batch (userloop's ``updates_per_batch: 1``; TRL's ``num_iterations=1`` with
 ``steps_per_generation`` = ``gradient_accumulation_steps``), so neither recomputes old log-probs, and no KL
 (no reference forward). ``tests/test_gpu_bench.py`` checks ``model_flops`` against torch's
@@ -296,6 +297,7 @@ def _steps_userloop(t: Timed, s: GpuSettings, config: dict) -> list[dict]:
         tokens = e["tokens"][i]
         positions = e["update/positions"][i]
         exact = positions == positions  # logged (not NaN): the padded batch's real width
+        # The bench config pins updates_per_batch: 1, so the positions are one pass over rows x width.
         width = round(positions / rows) if exact else s.prompt_tokens + s.max_new_tokens
         flops = model_flops(config, [width] * rows, lm_head_positions=round(tokens))["total"]
         steps.append({"step_s": e["time/step_s"][i], "generate_s": e["time/engine_busy_s"][i],
@@ -475,7 +477,7 @@ def section(res: dict, command_line: str) -> str:
         "after a CUDA synchronisation; TRL: the synchronised step span minus "
         "`_generate_and_score_completions`). *MFU*: model FLOPs of the update (`benchmarks.gpu.model_flops`: "
         "3 x (2 x matmul weights x positions, LM head at the scored completion tokens only, causal attention "
-        "4 x heads x head_dim x t(t+1)/2 per row)) / update time / peak. No old-log-prob or reference forward runs "
+        "4 x layers x heads x head_dim x t(t+1)/2 per row)) / update time / peak. No old-log-prob or reference forward runs "
         "in either update. At these shapes a step whose completions all run to max_new_tokens is "
         f"{f['total'] / 1e9:,.1f} GFLOP (layers {f['layers'] / f['forward']:.0%}, LM head "
         f"{f['lm_head'] / f['forward']:.0%}, attention {f['attention'] / f['forward']:.0%} of the forward).",

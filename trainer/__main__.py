@@ -72,7 +72,8 @@ def _exit(code: int) -> None:
             import torch.distributed as dist
 
             if dist.is_available() and dist.is_initialized():
-                dist.destroy_process_group()
+                with contextlib.suppress(Exception):  # the run is done and saved: its exit code stays 0
+                    dist.destroy_process_group()
         os._exit(0)
     sys.exit(code)
 

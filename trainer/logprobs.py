@@ -7,9 +7,9 @@ copy, the log-softmax, ``exp`` and the product. With Qwen3's 151,936-token vocab
 their element-wise passes cost more time than the model's matmuls on short sequences. Here the forward
 pass keeps only the logits (in the model's dtype) and one float32 log-sum-exp per token; the backward
 recomputes the softmax one chunk of rows at a time and writes the gradient straight in the logits' dtype.
-Before that, ``selected_logits`` asks the model for logits only at the positions whose next token is
-trained (``logits_to_keep``): the LM head, a V x hidden matmul per position, skips prompts, the user's and
-the environment's turns, and padding.
+Before that, ``selected_logits`` has the model compute logits only at the positions whose next token is
+trained: the LM head, a V x hidden matmul per position, skips prompts, the user's and the environment's
+turns, and padding.
 
 Gradients (z = logits / temperature, p = softmax(z), lse = logsumexp(z), H = -sum(p log p)):
   d logp[target] / dz = onehot(target) - p
@@ -17,8 +17,6 @@ Gradients (z = logits / temperature, p = softmax(z), lse = logsumexp(z), H = -su
 """
 
 from __future__ import annotations
-
-import inspect
 
 import torch
 import torch.nn.functional as F
@@ -58,6 +56,7 @@ class _TargetLogprobs(torch.autograd.Function):
         return logp, entropy, lse
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the hand-written backward is not itself differentiable
     def backward(ctx, g_logp: torch.Tensor | None, g_entropy: torch.Tensor | None, _g_lse):
         logits, targets, lse, entropy = ctx.saved_tensors
         temperature, chunk = ctx.temperature, ctx.chunk
@@ -103,37 +102,39 @@ def target_logprobs(logits: torch.Tensor, targets: torch.Tensor, temperature: fl
 
 def selected_logits(model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                     trained: torch.Tensor) -> torch.Tensor:  # fmt: skip
-    """Logits [n, V] of the n positions whose *next* token is trained (``trained`` [B, T-1] bool, row-major order)."""
+    """Logits [n, V] of the n positions whose *next* token is trained (``trained`` [B, T-1] bool, row-major order).
+
+    A pre-hook on the model's output embedding (the LM head) hands it only those positions' hidden states,
+    whatever the transformers version (its boolean ``logits_to_keep`` is recent) and whatever wraps the model
+    (DDP, PEFT, accelerate's autocast): what the model does after the head (Gemma's soft-capping, Cohere's
+    scale) is element-wise and still applies. A model without an output embedding module gets full logits.
+    """
     positions = F.pad(trained, (0, 1))  # [B, T]: position t predicts token t+1, the last one predicts none
-    if keeps_selected_positions(model):
-        logits = model(input_ids=input_ids, attention_mask=attention_mask, logits_to_keep=positions).logits
-        if logits.dim() == 2:
-            return logits
-        raise RuntimeError(f"{type(unwrap(model)).__name__} returned logits of shape {tuple(logits.shape)} for a "
-                           "boolean logits_to_keep; expected [positions, vocabulary]")  # fmt: skip
-    return model(input_ids=input_ids, attention_mask=attention_mask).logits[positions]
+    head = output_head(model)
+    if head is None:
+        return model(input_ids=input_ids, attention_mask=attention_mask).logits[positions]
+
+    def keep_trained(_module: torch.nn.Module, args: tuple) -> tuple:
+        hidden, *rest = args
+        if hidden.shape[:2] != positions.shape:
+            raise RuntimeError(f"the LM head of {type(unwrap(model)).__name__} got hidden states of shape "
+                               f"{tuple(hidden.shape)}; expected [{', '.join(map(str, positions.shape))}, hidden]")  # fmt: skip
+        return (hidden[positions], *rest)
+
+    handle = head.register_forward_pre_hook(keep_trained)
+    try:
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+    finally:
+        handle.remove()
+    if logits.dim() != 2 or logits.shape[0] != int(positions.sum()):
+        raise RuntimeError(f"{type(unwrap(model)).__name__} returned logits of shape {tuple(logits.shape)} from "
+                           "its LM head's selected positions; expected [positions, vocabulary]")  # fmt: skip
+    return logits
 
 
-def keeps_selected_positions(model: torch.nn.Module) -> bool:
-    """Whether the causal LM under ``model`` (DDP and PEFT wrappers too) takes a [B, T] boolean ``logits_to_keep``
-    (transformers' ``slice_logits_to_keep``: Llama, Qwen2/3, Mistral, Gemma and most other decoder models)."""
+def output_head(model: torch.nn.Module) -> torch.nn.Module | None:
+    """The LM head of the causal LM under ``model`` (DDP and PEFT wrappers unwrapped), if it has one."""
     lm = unwrap(model)
     lm = lm.get_base_model() if hasattr(lm, "get_base_model") else lm
-    return _takes_position_mask(type(lm))
-
-
-_VERDICTS: dict[type, bool] = {}
-
-
-def _takes_position_mask(cls: type) -> bool:
-    if cls not in _VERDICTS:
-        try:
-            from transformers.modeling_utils import slice_logits_to_keep
-
-            h = torch.zeros(1, 3, 1)
-            helper_ok = slice_logits_to_keep(h, torch.tensor([[True, False, True]])).shape == (2, 1)
-        except (ImportError, IndexError, RuntimeError):
-            helper_ok = False
-        forward = inspect.unwrap(cls.forward)
-        _VERDICTS[cls] = helper_ok and "slice_logits_to_keep" in getattr(forward, "__code__", None).co_names
-    return _VERDICTS[cls]
+    head = lm.get_output_embeddings() if hasattr(lm, "get_output_embeddings") else None
+    return head if isinstance(head, torch.nn.Module) else None

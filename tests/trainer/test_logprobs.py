@@ -132,7 +132,11 @@ def test_token_logprobs_on_a_model_match_the_plain_computation(tiny_model, monke
         logits = m(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits[:, :-1]
         return plain(logits, batch.input_ids[:, 1:], 0.9)
 
-    assert logprobs.keeps_selected_positions(model())
+    seen: list[tuple[int, ...]] = []  # what the LM head computes on
+    m = model()
+    logprobs.output_head(m).register_forward_hook(lambda _m, args, _out: seen.append(tuple(args[0].shape)))
+    token_logprobs(m, batch, 0.9)
+    assert seen == [(int(batch.loss_mask.sum()), 64)]  # the trained positions only, not [2, 9, hidden]
     ref_logp, ref_ent, ref_grads = run(model(), reference)
     compact = run(model(), lambda m: token_logprobs(m, batch, 0.9))
     mask = batch.loss_mask.bool()
@@ -142,7 +146,7 @@ def test_token_logprobs_on_a_model_match_the_plain_computation(tiny_model, monke
     for got, want in zip(compact[2], ref_grads, strict=True):
         torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
 
-    monkeypatch.setattr(logprobs, "keeps_selected_positions", lambda m: False)
+    monkeypatch.setattr(logprobs, "output_head", lambda m: None)  # a model without an LM head module
     fallback = run(model(), lambda m: token_logprobs(m, batch, 0.9))
     for got, want in zip(fallback, compact, strict=True):
         torch.testing.assert_close(got, want)
@@ -230,3 +234,93 @@ def test_without_entropy_the_entropy_output_is_a_constant():
     ref = logits.detach().clone().requires_grad_()
     plain(ref, targets, 1.0)[0].sum().backward()
     torch.testing.assert_close(logits.grad, ref.grad)
+
+
+def test_float32_logits_are_not_modified_by_the_backward():
+    """float32 logits at temperature 1 are worked on in the backward's chunks: never in place on the saved ones."""
+    logits = torch.randn(5, 30, requires_grad=True)
+    kept = logits.detach().clone()
+    targets = torch.randint(0, 30, (5,))
+    logp, ent = target_logprobs(logits, targets)
+    first = torch.autograd.grad(logp.sum() + ent.sum(), logits, retain_graph=True)[0]
+    second = torch.autograd.grad(logp.sum() + ent.sum(), logits)[0]
+    torch.testing.assert_close(first, second)
+    assert torch.equal(logits.detach(), kept)
+
+
+def test_a_second_order_gradient_is_refused_not_silently_wrong():
+    logits = torch.randn(3, 7, requires_grad=True)
+    logp, _ = target_logprobs(logits, torch.randint(0, 7, (3,)))
+    (g,) = torch.autograd.grad(logp.sum(), logits, create_graph=True)
+    with pytest.raises(RuntimeError):
+        g.sum().backward()
+
+
+@pytest.mark.parametrize("name", ["LlamaForCausalLM", "Qwen2ForCausalLM", "Gemma2ForCausalLM", "CohereForCausalLM",
+                                  "GPT2LMHeadModel"])  # fmt: skip
+def test_selected_logits_equal_the_full_logits_across_architectures(name):
+    """Gemma 2 soft-caps and Cohere scales the head's output: element-wise, so it still applies to the kept rows."""
+    import transformers
+
+    from trainer.logprobs import selected_logits
+
+    cls = getattr(transformers, name)
+    cfg = cls.config_class(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, head_dim=8, n_embd=32, n_layer=2, n_head=4,
+                           max_position_embeddings=64, n_positions=64, pad_token_id=0, final_logit_softcapping=30.0,
+                           logit_scale=0.5)  # fmt: skip
+    torch.manual_seed(0)
+    model = cls(cfg).eval()
+    ids = torch.randint(1, 97, (2, 9))
+    attention = torch.ones_like(ids)
+    attention[1, 7:] = 0
+    trained = torch.zeros(2, 8, dtype=torch.bool)
+    trained[0, 2:4] = trained[0, 6:] = trained[1, 3:6] = True
+    with torch.no_grad():
+        got = selected_logits(model, ids, attention, trained)
+        full = model(input_ids=ids, attention_mask=attention).logits[F.pad(trained, (0, 1))]
+    assert got.shape == (int(trained.sum()), 97)
+    torch.testing.assert_close(got, full)
+
+
+@pytest.fixture
+def fresh_accelerator_state():
+    """accelerate keeps one process-wide state: a bf16 Accelerator here must neither meet nor leave behind the
+    mixed_precision='no' one of the in-process training tests."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_full_fine_tuning_under_bf16_autocast_keeps_bf16_logits(tiny_model, fresh_accelerator_state):
+    """On a GPU, full fine-tuning runs under accelerate's bf16 autocast, which also casts every output to float32:
+    a float32 copy of the logits the loss would keep. ``autocast_only`` drops that cast and keeps the autocast
+    (here on the CPU, where accelerate's bf16 autocast works the same way); the update is unchanged."""
+    from accelerate import Accelerator
+    from transformers import AutoModelForCausalLM
+
+    from trainer.grpo import collate
+    from trainer.logprobs import selected_logits
+    from trainer.session import autocast_only
+
+    batch = collate([[5, 6, 7, 8, 9], [5, 6, 10]], [[0, 0, 1, 1, 1], [0, 0, 1]], [1.0, -1.0], 0, "cpu")
+    trained = batch.loss_mask.bool()
+    results = {}
+    for strip in (False, True):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(tiny_model)  # float32 master weights
+        accelerator = Accelerator(cpu=True, mixed_precision="bf16")
+        model = accelerator.prepare(model)
+        if strip:
+            autocast_only(model, accelerator)
+        logits = selected_logits(model, batch.input_ids, batch.attention_mask, trained)
+        logp, _ = target_logprobs(logits, batch.input_ids[:, 1:][trained])
+        logp.sum().backward()
+        assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.float32
+        results[strip] = (logits.dtype, logp.detach(), model.lm_head.weight.grad.clone())
+    assert results[False][0] == torch.float32  # accelerate's cast
+    assert results[True][0] == torch.bfloat16  # autocast kept, cast dropped
+    torch.testing.assert_close(results[True][1], results[False][1])  # the same bf16 logits, read in float32
+    torch.testing.assert_close(results[True][2], results[False][2], atol=1e-2, rtol=1e-2)
