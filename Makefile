@@ -17,7 +17,7 @@ $(STAMP):
 install: $(STAMP)
 
 test: install
-	$(PY) -m pytest -q
+	$(PY) -m pytest -q --durations=15
 
 quickstart: install
 	$(VENV)/bin/launcher run configs/quickstart.yaml
