@@ -410,7 +410,7 @@ def section(res: dict, command_line: str) -> str:
         "two fp32 moments, 4x the bf16 weights, through `torch.save`). Load: `trainer.model.from_pretrained` (prefetch threads + `AutoModelForCausalLM.from_pretrained"
         "(dtype=bfloat16)`; the bare transformers call beside it) plus a read of one element per 4 KiB page of every weight (safetensors may map lazily). Raw: sequential 16 MiB writes of as many bytes as model.safetensors, then fsync; "
         f"sequential reads, as 16 MiB `read()` calls and through a memory map (safetensors' way), the faster counting. Cold reads: {cold_how} "
-        f"{s['rounds']} interleaved rounds (save, raw write, ...; cold load, raw read, warm load, ...), medians. "
+        f"{s['rounds']} interleaved rounds (save, raw write, ...; cold load, cold load without the prefetch, raw read, raw read through a memory map, warm load, ...), medians. "
         "Bandwidths are model.safetensors bytes over the time. Target: >= 0.5 of raw.",
         "",
         "| operation | time (s) | MB/s | vs raw |",

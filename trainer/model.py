@@ -119,7 +119,7 @@ def from_pretrained(path: str | Path, dtype: torch.dtype) -> PreTrainedModel:
     silently train on top of the base alone, discarding the SFT stage.
     """
     adapter = Path(path) / "adapter_config.json"
-    prefetch = Prefetch(Path(path))  # reads the weights in while the model is built
+    prefetch = None
     try:
         if adapter.is_file():
             import json
@@ -127,40 +127,52 @@ def from_pretrained(path: str | Path, dtype: torch.dtype) -> PreTrainedModel:
             from peft import PeftModel
 
             base_path = json.loads(adapter.read_text())["base_model_name_or_path"]
+            prefetch = Prefetch(Path(base_path))  # the adapter itself is small
             base = AutoModelForCausalLM.from_pretrained(base_path, dtype=dtype)
             return PeftModel.from_pretrained(base, path).merge_and_unload()
+        prefetch = Prefetch(Path(path))  # reads the weights in while transformers builds the model
         return AutoModelForCausalLM.from_pretrained(path, dtype=dtype)
     except (OSError, ValueError, KeyError) as e:
         raise UserError(f"model.path: {path}", f"cannot load a causal LM: {e}") from None
     finally:
-        prefetch.join()
+        if prefetch is not None:
+            prefetch.stop()  # loaded (or failed): what is left to read is of no use
 
 
 class Prefetch:
-    """Read a checkpoint's ``*.safetensors`` into the page cache with a few threads, in the background.
+    """Read a checkpoint's weight files into the page cache with a few threads, in the background.
 
     safetensors maps the files and transformers copies tensor after tensor, so a cold load reads by page
-    fault, one small read at a time; several threads reading large blocks sequentially keep the disk (or a
-    network volume) busy meanwhile. Measured on this workplace's VM after dropping the page cache (0.6B
-    bf16, docs/benchmarks.md, *Checkpoint I/O*): a cold load 0.84 -> 0.63 s. Skipped when the files would
-    take more than half the available memory: pages read too early would evict each other.
+    fault, one small read at a time; threads reading large blocks sequentially keep the disk (or a network
+    volume) busy meanwhile. Measured on this workplace's VM after dropping the page cache (0.6B bf16,
+    docs/benchmarks.md, *Checkpoint I/O*): a cold load 0.84 -> 0.63 s (medians of 5; 2 of the 5 rounds
+    showed no gain). Only the files transformers will read (``model.safetensors``, or the shards of
+    ``model.safetensors.index.json``); skipped when they would take more than half the memory available to
+    this process (the cgroup's limit counts): pages read too early would evict each other. torchrun's ranks
+    on one node split the spans between them and share the page cache.
     """
 
     THREADS = 4
     BLOCK = 16 << 20
 
     def __init__(self, directory: Path) -> None:
-        files = sorted(directory.glob("*.safetensors")) if directory.is_dir() else []
-        size = sum(f.stat().st_size for f in files)
+        self._stop = threading.Event()
         self._threads: list[threading.Thread] = []
+        try:
+            files = weight_files(directory)
+            size = sum(f.stat().st_size for f in files)
+            spans = self.ranges(files)
+        except (OSError, ValueError, KeyError):  # unreadable or dangling: transformers will say what is wrong
+            return
         if not files or size > _available_memory() // 2:
             return
-        work = iter(self.ranges(files))
+        local, local_world = int(os.environ.get("LOCAL_RANK", 0)), int(os.environ.get("LOCAL_WORLD_SIZE", 1))
+        work = iter(spans[local::local_world])
         lock = threading.Lock()
 
         def read() -> None:
             buf = memoryview(bytearray(self.BLOCK))
-            while True:
+            while not self._stop.is_set():
                 with lock:
                     item = next(work, None)
                 if item is None:
@@ -168,12 +180,12 @@ class Prefetch:
                 f, start, end = item
                 with contextlib.suppress(OSError), open(f, "rb", buffering=0) as fh:
                     fh.seek(start)
-                    while start < end and (n := fh.readinto(buf[: min(self.BLOCK, end - start)])):
+                    while (start < end and not self._stop.is_set()
+                           and (n := fh.readinto(buf[: min(self.BLOCK, end - start)]))):  # fmt: skip
                         start += n
 
-        self._threads = [
-            threading.Thread(target=read, name="prefetch", daemon=True) for _ in range(self.THREADS)
-        ]
+        threads = max(1, self.THREADS // max(1, local_world))
+        self._threads = [threading.Thread(target=read, name="prefetch", daemon=True) for _ in range(threads)]
         for t in self._threads:
             t.start()
 
@@ -184,19 +196,49 @@ class Prefetch:
         return [(f, start, min(start + span, f.stat().st_size))
                 for f in files for start in range(0, f.stat().st_size, span)]  # fmt: skip
 
+    def stop(self) -> None:
+        """Stop after the block in flight (at most one 16 MiB read per thread) and wait for the threads."""
+        self._stop.set()
+        for t in self._threads:
+            t.join()
+
     def join(self) -> None:
+        """Wait until everything is read."""
         for t in self._threads:
             t.join()
 
 
+def weight_files(directory: Path) -> list[Path]:
+    """The safetensors files transformers loads from ``directory``: the index's shards, or ``model.safetensors``.
+    Other copies some repositories ship beside them (``consolidated.safetensors``) are not read."""
+    index = directory / "model.safetensors.index.json"
+    if index.is_file():
+        import json
+
+        return [
+            directory / name for name in sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        ]
+    single = directory / "model.safetensors"
+    return [single] if single.is_file() else []
+
+
 def _available_memory() -> int:
+    """MemAvailable, capped by this cgroup's memory limit (a pod's page cache counts against it)."""
+    available = 0
     try:
         for line in Path("/proc/meminfo").read_text().splitlines():
             if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
+                available = int(line.split()[1]) * 1024
     except (OSError, ValueError, IndexError):
+        return 0  # unknown: no prefetch
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        if limit != "max":
+            used = int(Path("/sys/fs/cgroup/memory.current").read_text())
+            available = min(available, int(limit) - used)
+    except (OSError, ValueError):
         pass
-    return 0  # unknown: no prefetch
+    return available
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

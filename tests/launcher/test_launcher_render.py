@@ -63,20 +63,21 @@ def test_shipped_crd_is_the_shared_one() -> None:
 
 
 def test_the_wheel_ships_every_file_of_the_chart() -> None:
-    """pyproject's package data lists the chart's files by pattern: a new template must not be left out."""
-    import fnmatch
-
+    """pyproject's package data lists the chart's files by pattern (setuptools' glob: ``*`` stops at ``/``):
+    a new template, sub-folder or dotfile must not be left out of the wheel."""
     tomllib = pytest.importorskip("tomllib")  # Python 3.11+
 
     patterns = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"][
         "launcher"
     ]
+    package = REPO / "launcher"
+    shipped = {p.resolve() for pat in patterns for p in package.glob(pat) if p.is_file()}
     chart = REPO / "helm" / "userloop"
-    files = [p.relative_to(chart).as_posix() for p in chart.rglob("*") if p.is_file()]
-    assert "Chart.yaml" in files and "templates/pytorchjob.yaml" in files
-    missing = [f for f in files if not any(fnmatch.fnmatchcase(f"chart/{f}", pat) for pat in patterns)]
+    files = {p.resolve() for p in chart.rglob("*") if p.is_file()}
+    assert chart / "Chart.yaml" in files and chart / "templates" / "pytorchjob.yaml" in files
+    missing = sorted(str(p.relative_to(chart)) for p in files - shipped)
     assert not missing, f"add these to [tool.setuptools.package-data] launcher: {missing}"
-    assert (REPO / "launcher" / "chart").resolve() == chart.resolve()  # the checkout's link
+    assert (package / "chart").resolve() == chart.resolve()  # the checkout's link
 
 
 def test_an_installed_launcher_renders_without_the_checkout(tmp_path: Path) -> None:
