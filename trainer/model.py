@@ -145,8 +145,8 @@ class Prefetch:
     safetensors maps the files and transformers copies tensor after tensor, so a cold load reads by page
     fault, one small read at a time; threads reading large blocks sequentially keep the disk (or a network
     volume) busy meanwhile. Measured on this workplace's VM after dropping the page cache (0.6B bf16,
-    docs/benchmarks.md, *Checkpoint I/O*): a cold load 0.84 -> 0.63 s (medians of 5; 2 of the 5 rounds
-    showed no gain). Only the files transformers will read (``model.safetensors``, or the shards of
+    docs/benchmarks.md, *Checkpoint I/O*): a cold load 0.84 -> 0.63 s and 1.25 -> 0.90 s in two runs (medians of
+    5 rounds; single rounds spread widely). Only the files transformers will read (``model.safetensors``, or the shards of
     ``model.safetensors.index.json``); skipped when they would take more than half the memory available to
     this process (the cgroup's limit counts): pages read too early would evict each other. torchrun's ranks
     on one node split the spans between them and share the page cache.
