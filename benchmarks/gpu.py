@@ -41,10 +41,11 @@ checkpoint on disk is bf16.
 On the device machine (H200, Python 3.12; no pydantic or TRL there: ``benchmarks/gpu_wheels.sh`` downloads
 the missing wheels into ``.whl/`` here, carried with ``carry: [".whl"]``), one command::
 
-    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; export PYTHONUNBUFFERED=1; nvidia-smi -L; python3 -m pip list 2>/dev/null | grep -iE '^(torch|transformers|tokenizers|accelerate|trl|datasets|pyarrow|fsspec|regex|pydantic) '; python3 -m benchmarks.run --only gpu --write --json $OUT/gpu.json 2>&1 | tee $OUT/gpu.log; cp docs/benchmarks.md $OUT/
+    python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl && export PYTHONPATH=/tmp/site || exit; export PYTHONUNBUFFERED=1; nvidia-smi -L; python3 -m pip list 2>/dev/null | grep -iE '^(torch|transformers|tokenizers|accelerate|trl|datasets|pyarrow|fsspec|regex|pydantic) '; python3 -m benchmarks.run --only gpu --only logprobs --write --json $OUT/gpu.json 2>&1 | tee $OUT/gpu.log; cp docs/benchmarks.md $OUT/
 
 with ``timeout_s`` 600 (sized to finish in about 6 minutes: model build and save, then 2 rounds x 2 commands of
-4 steps; not yet run on a GPU, so the size is an estimate). A command that fails (TRL on the image's
+4 steps; not yet run on a GPU, so the size is an estimate; the ``logprobs`` benchmark beside it, userloop's loss
+head against TRL's Triton kernel on the GPU, adds about a minute). A command that fails (TRL on the image's
 library versions, say) is recorded in the section with its error and the other one's figures still stand.
 Elsewhere:
 ``python -m benchmarks.gpu [--quick] [--peak-tflops X] [--write]``; an unknown GPU needs ``--peak-tflops``
