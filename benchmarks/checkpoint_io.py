@@ -62,12 +62,11 @@ QUICK = CkptSettings(vocab_size=4096, hidden_size=128, intermediate_size=256, la
 
 def build_model(s: CkptSettings):
     import torch
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3ForCausalLM
 
-    config = Qwen3Config(vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
-                         num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
-                         head_dim=s.head_dim, max_position_embeddings=40960, rope_theta=1_000_000, rms_norm_eps=1e-6,
-                         tie_word_embeddings=True, dtype="bfloat16")  # fmt: skip
+    from benchmarks.common import qwen3_config
+
+    config = qwen3_config(s, dtype="bfloat16")
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:

@@ -151,3 +151,14 @@ def fmt(value: float, digits: int = 2) -> str:
     if value != value:  # NaN
         return "n/a"
     return f"{value:.{digits}f}"
+
+
+def qwen3_config(s: Any, **extra: Any):
+    """A ``Qwen3Config`` of the dimensions in ``s`` (``vocab_size``, ``hidden_size``, ``intermediate_size``,
+    ``layers``, ``heads``, ``kv_heads``, ``head_dim``) with Qwen3-0.6B's other settings (its config.json)."""
+    from transformers import Qwen3Config
+
+    return Qwen3Config(vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
+                       num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
+                       head_dim=s.head_dim, max_position_embeddings=40960, rope_theta=1_000_000, rms_norm_eps=1e-6,
+                       tie_word_embeddings=True, **extra)  # fmt: skip

@@ -190,18 +190,15 @@ def build_model(out: Path, s: GpuSettings) -> dict:
     """A random-initialised Qwen3 of ``s``'s dimensions (the model's own init), saved with save_pretrained
     (bf16 on a GPU run, float32 on the CPU) next to ``trainer.tiny``'s tokenizer."""
     import torch
-    from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
+    from transformers import GenerationConfig, Qwen3ForCausalLM
 
+    from benchmarks.common import qwen3_config
     from trainer.model import quiet_libraries
     from trainer.tiny import build_tokenizer
 
     quiet_libraries()
     tok = build_tokenizer()
-    config = Qwen3Config(vocab_size=s.vocab_size, hidden_size=s.hidden_size, intermediate_size=s.intermediate_size,
-                         num_hidden_layers=s.layers, num_attention_heads=s.heads, num_key_value_heads=s.kv_heads,
-                         head_dim=s.head_dim, max_position_embeddings=40960, rope_theta=1_000_000, rms_norm_eps=1e-6,
-                         tie_word_embeddings=True, bos_token_id=None, eos_token_id=tok.eos_token_id,
-                         pad_token_id=tok.pad_token_id)  # fmt: skip
+    config = qwen3_config(s, bos_token_id=None, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     torch.manual_seed(0)
     with torch.device(s.device):
         model = Qwen3ForCausalLM(config)
