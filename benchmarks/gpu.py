@@ -118,6 +118,8 @@ class GpuSettings:
     warm_skip: int = 1  # the first step (CUDA/cuBLAS initialisation, allocator growth) is left out
     rounds: int = 2
     train_rows: int = 64
+    # userloop's parallel.strategy; --parallel fsdp: FSDP2 over this one GPU, bf16 compute
+    parallel: str = "ddp"
 
 
 FULL = GpuSettings()
@@ -246,6 +248,7 @@ def userloop_config(work: Path, model: Path, data: Path, s: GpuSettings) -> Path
         "rewards": [{"type": "accuracy"}],
         "checkpoint": {"save_final": False, "resume": "never"},
         "logging": {"every_steps": 1, "plots": False},
+        "parallel": {"strategy": s.parallel},
     }  # fmt: skip
     path = work / "userloop.yaml"
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))
@@ -412,7 +415,8 @@ def _describe(s: GpuSettings) -> str:
     return (f"{s.label} Qwen3 (`Qwen3Config`: vocab {s.vocab_size:,}, hidden {s.hidden_size}, intermediate "
             f"{s.intermediate_size}, {s.layers} layers, {s.heads}/{s.kv_heads} heads, head_dim {s.head_dim}, tied "
             f"embeddings), random init (the model's own), tokenizer `trainer.tiny.build_tokenizer`; GRPO, HF "
-            f"engine, full fine-tuning, batch {s.batch_size} prompts x group {s.group_size} = {rows} completions per "
+            f"engine, full fine-tuning{', FSDP2 (userloop)' if s.parallel == 'fsdp' else ''}, batch "
+            f"{s.batch_size} prompts x group {s.group_size} = {rows} completions per "
             f"step, prompts of {s.prompt_tokens} tokens, max_new_tokens {s.max_new_tokens}, temperature "
             f"{s.temperature:g}, {s.grad_accum} micro-batch(es) per step, lr {s.lr:g} constant, AdamW, clip 0.2, "
             f"no KL, one update per batch, no eval or checkpoints; {s.steps} steps per process (the first "
@@ -537,6 +541,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=None)
     ap.add_argument("--write", action="store_true", help=f"rewrite the section in --docs (default {DOCS})")
     ap.add_argument("--docs", type=Path, default=None)
+    ap.add_argument("--parallel", choices=["ddp", "fsdp"], default="ddp",
+                    help="userloop's parallel.strategy; fsdp trains sharded on one GPU (bf16 compute, float32 master "
+                    "weights): compare without --write, which would replace the DDP section")  # fmt: skip
     args = ap.parse_args(argv)
     threads = int(os.environ.get("OMP_NUM_THREADS") or os.cpu_count() or 1)
     os.environ["OMP_NUM_THREADS"] = str(threads)
@@ -544,8 +551,12 @@ def main(argv: list[str] | None = None) -> int:
 
     s = QUICK if args.quick else FULL
     s = s if args.rounds is None else replace(s, rounds=args.rounds)
+    s = replace(s, parallel=args.parallel)
     command = (
-        "python -m benchmarks.gpu" + (" --quick" if args.quick else "") + (" --write" if args.write else "")
+        "python -m benchmarks.gpu"
+        + (" --quick" if args.quick else "")
+        + (" --write" if args.write else "")
+        + (" --parallel fsdp" if args.parallel == "fsdp" else "")
     )
     if not args.quick and not torch.cuda.is_available():
         text = not_measured(command, DEVICE_COMMAND, "no CUDA device here")

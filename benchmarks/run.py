@@ -16,6 +16,9 @@ Benchmarks (``--only`` names), each a section of docs/benchmarks.md:
 - ``launcher``: cold start of ``launcher --help / render / validate`` (``benchmarks.launcher_cold_start``);
 - ``overlap``: multi-turn rollout overlap against its bound and the turn-synchronous loop
   (``benchmarks.multiturn_overlap``);
+- ``vllm``: GRPO step time with the ``hf`` engine against the real vLLM server (``.venv-vllm``), side by side on
+  the tiny model: rollout, weight hand-over and update per step (``benchmarks.rollout_engines``); without a
+  vLLM environment it records that it was not measured;
 - ``gpu``: userloop vs TRL on a Qwen3-0.6B-sized model on a GPU: generation and update tokens/s, MFU of the
   update (``benchmarks.gpu``); without a CUDA device it records what was not measured and why (``--quick``:
   the same path on the CPU with a tiny model).
@@ -40,7 +43,7 @@ from pathlib import Path
 
 from benchmarks.common import DOCS, REPO, write_section
 
-NAMES = ("grpo", "logprobs", "api", "checkpoint", "launcher", "overlap", "gpu")
+NAMES = ("grpo", "logprobs", "api", "checkpoint", "launcher", "overlap", "vllm", "gpu")
 
 
 def _grpo(quick: bool, threads: int, rounds: int | None, log) -> tuple[str, str, dict]:
@@ -110,6 +113,14 @@ def _overlap(quick: bool, threads: int, rounds: int | None, log) -> tuple[str, s
     return mo.HEADING, text, {"results": results}
 
 
+def _vllm(quick: bool, threads: int, rounds: int | None, log) -> tuple[str, str, dict]:
+    from benchmarks import rollout_engines as re_
+
+    s = re_.with_rounds(re_.QUICK if quick else re_.FULL, rounds)
+    res = re_.bench(s, threads, log=log)
+    return re_.HEADING, re_.section(res, _command("vllm", quick, threads, rounds)), res
+
+
 GPU_HEADING = "## GPU (H200 class)"
 
 
@@ -137,7 +148,7 @@ def _gpu(quick: bool, threads: int, rounds: int | None, log) -> tuple[str, str, 
 
 
 RUNNERS: dict[str, Callable] = {"grpo": _grpo, "logprobs": _logprobs, "api": _api, "checkpoint": _checkpoint, "launcher": _launcher,
-                                "overlap": _overlap, "gpu": _gpu}  # fmt: skip
+                                "overlap": _overlap, "vllm": _vllm, "gpu": _gpu}  # fmt: skip
 _ARGV: list[str] = []
 
 

@@ -4,10 +4,12 @@ Three layers, all collected into one report:
 
 1. every object against the official Kubernetes JSON schemas of ``cluster.k8s_version`` (PyPI
    ``kubernetes-validate``, strict variant: unknown fields are errors, as with the API server's strict
-   field validation); the PyTorchJob's pod templates too, so a field newer than the cluster is caught;
-2. the PyTorchJob against its CRD's ``openAPIV3Schema`` (a copy of the training-operator's CRD ships in
+   field validation); the Kubernetes types inside custom objects too (the PyTorchJob's pod templates,
+   the ClusterTrainingRuntime's Job template), so a field newer than the cluster is caught;
+2. each custom object against its CRD's ``openAPIV3Schema`` (copies of the training-operator's
+   PyTorchJob CRD and of Kubeflow Trainer's TrainJob and ClusterTrainingRuntime CRDs ship in
    ``launcher/crds/``), made strict the way the API server prunes: an object with ``properties`` and no
-   ``x-kubernetes-preserve-unknown-fields`` admits nothing else;
+   ``x-kubernetes-preserve-unknown-fields`` admits nothing else (CEL rules are not evaluated);
 3. semantic rules a cluster would otherwise teach the hard way (``semantic_problems``) and a scan for
    API key values anywhere in the output (``secret_problems``).
 """
@@ -27,13 +29,28 @@ import yaml
 
 from launcher.render import Rendered
 from trainer.config import RunConfig
+from trainer.config.api_keys import SECRET_NAME as _SECRET_NAME  # names whose values stay out of manifests
+from trainer.config.api_keys import api_key_vars
 from trainer.errors import UserError
 
-CRD_PATH = Path(__file__).resolve().parent / "crds" / "kubeflow.org_pytorchjobs.yaml"
+CRD_DIR = Path(__file__).resolve().parent / "crds"
+CRD_PATH = CRD_DIR / "kubeflow.org_pytorchjobs.yaml"
+# The CRD copy of each custom kind the chart renders (launcher/crds/, package data).
+CRD_PATHS = {
+    "PyTorchJob": CRD_PATH,
+    "TrainJob": CRD_DIR / "trainer.kubeflow.org_trainjobs.yaml",
+    "ClusterTrainingRuntime": CRD_DIR / "trainer.kubeflow.org_clustertrainingruntimes.yaml",
+}
+# Kubernetes types embedded in custom objects: (kind, path to a dict or a list of dicts, definition).
+EMBEDDED = {
+    "PyTorchJob": [("spec.pytorchReplicaSpecs.*.template", "io.k8s.api.core.v1.PodTemplateSpec")],
+    "TrainJob": [],
+    "ClusterTrainingRuntime": [
+        ("spec.template.spec.replicatedJobs.*.template", "io.k8s.api.batch.v1.JobTemplateSpec")
+    ],
+}
 _DEFS = "/api/_definitions.json"
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
-# Environment variables whose values must never appear in a manifest.
-_SECRET_NAME = re.compile(r"(API_?KEY|TOKEN|SECRET|PASSWORD|PASSWD|CREDENTIAL)", re.IGNORECASE)
 
 
 def check(rendered: Rendered, cfg: RunConfig, k8s_versions: Iterable[str] | None = None) -> None:
@@ -42,7 +59,9 @@ def check(rendered: Rendered, cfg: RunConfig, k8s_versions: Iterable[str] | None
     problems: list[str] = []
     for version in versions:
         problems += schema_problems(rendered.objects, version)
-    problems += crd_problems(rendered.job)
+    for obj in rendered.objects:
+        if obj["kind"] in CRD_PATHS:
+            problems += crd_problems(obj)
     problems += semantic_problems(rendered, cfg)
     problems += secret_problems(rendered.to_yaml(), cfg)
     if problems:
@@ -74,22 +93,37 @@ def resolve_version(version: str) -> str:
 
 
 def schema_problems(objects: list[dict[str, Any]], version: str) -> list[str]:
-    """Each object (and each PyTorchJob pod template) against the strict schemas of ``version``."""
+    """Each object (and the Kubernetes types inside custom objects) against the strict schemas of ``version``."""
     version = resolve_version(version)
     problems = []
     for obj in objects:
         where = f"{obj.get('kind')}/{obj.get('metadata', {}).get('name')}"
-        if obj.get("apiVersion") == "kubeflow.org/v1":
-            for rtype, spec in obj.get("spec", {}).get("pytorchReplicaSpecs", {}).items():
-                path = f"spec.pytorchReplicaSpecs.{rtype}.template"
-                validator = _k8s_validator(version, "io.k8s.api.core.v1.PodTemplateSpec")
-                problems += _errors(
-                    validator, spec.get("template", {}), f"{where}: {path}", f"Kubernetes {version}"
-                )
+        if obj.get("kind") in EMBEDDED:
+            for pattern, definition in EMBEDDED[obj["kind"]]:
+                validator = _k8s_validator(version, definition)
+                for path, part in _at(obj, pattern.split(".")):
+                    problems += _errors(validator, part, f"{where}: {path}", f"Kubernetes {version}")
             continue
         validator = _k8s_validator(version, _definition_name(version, obj))
         problems += _errors(validator, obj, where, f"Kubernetes {version}")
     return problems
+
+
+def _at(node: Any, keys: list[str], path: str = "") -> list[tuple[str, Any]]:
+    """``(path, value)`` for each value at ``keys`` below ``node``; ``*`` is every dict value or list item
+    (named by its ``name`` when it has one)."""
+    if not keys:
+        return [(path, node)]
+    key, rest = keys[0], keys[1:]
+    if key != "*":
+        child = node.get(key) if isinstance(node, dict) else None
+        return [] if child is None else _at(child, rest, f"{path}.{key}" if path else key)
+    items = node.items() if isinstance(node, dict) else enumerate(node if isinstance(node, list) else [])
+    out = []
+    for k, v in items:
+        label = v.get("name", k) if isinstance(k, int) and isinstance(v, dict) else k
+        out += _at(v, rest, f"{path}.{label}")
+    return out
 
 
 def _schema_root() -> Path:
@@ -137,25 +171,26 @@ def _k8s_validator(version: str, definition: str) -> Any:
     return jsonschema.Draft202012Validator(schema, registry=registry)
 
 
-# ----------------------------------------------------------------------------- the PyTorchJob CRD
+# ----------------------------------------------------------------------------- the CRDs
 
 
-def crd_problems(job: dict[str, Any], crd_path: Path = CRD_PATH) -> list[str]:
-    where = f"PyTorchJob/{job.get('metadata', {}).get('name')}"
-    return _errors(_crd_validator(str(crd_path), job.get("apiVersion", "")), job, where, "PyTorchJob CRD")
+def crd_problems(obj: dict[str, Any], crd_path: Path | None = None) -> list[str]:
+    """``obj`` (a PyTorchJob, TrainJob or ClusterTrainingRuntime) against its CRD copy, or ``crd_path``."""
+    kind = obj.get("kind", "PyTorchJob")
+    where = f"{kind}/{obj.get('metadata', {}).get('name')}"
+    path = crd_path or CRD_PATHS[kind]
+    return _errors(_crd_validator(str(path), obj.get("apiVersion", ""), kind), obj, where, f"{kind} CRD")
 
 
-@functools.lru_cache(maxsize=4)
-def _crd_validator(crd_path: str, api_version: str) -> Any:
+@functools.lru_cache(maxsize=8)
+def _crd_validator(crd_path: str, api_version: str, kind: str = "PyTorchJob") -> Any:
     import jsonschema
 
     crd = yaml.load(Path(crd_path).read_text(encoding="utf-8"), Loader=_Loader)
     version = api_version.rpartition("/")[2]
     served = {v["name"]: v for v in crd["spec"]["versions"]}
     if version not in served:
-        raise UserError(
-            "PyTorchJob", f"apiVersion {api_version!r} is not served by the CRD (has {sorted(served)})"
-        )
+        raise UserError(kind, f"apiVersion {api_version!r} is not served by the CRD (has {sorted(served)})")
     schema = strict_schema(served[version]["schema"]["openAPIV3Schema"])
     return jsonschema.Draft7Validator(schema)
 
@@ -206,6 +241,31 @@ def semantic_problems(rendered: Rendered, cfg: RunConfig) -> list[str]:
     c = cfg.cluster
     job = rendered.job
     name = job["metadata"]["name"]
+    where = f"{job['kind']}/{name}"
+    problems, pods = _STRUCTURE[job["kind"]](rendered, cfg)
+    for pod_where, spec in pods.items():
+        problems += _pod_problems(pod_where, spec, cfg, rendered.api.trainer_container)
+    cms = {o["metadata"]["name"]: o for o in rendered.by_kind("ConfigMap")}
+    cm = cms.get(f"{name}-config")
+    if cm is None or not cm.get("data", {}).get("config.yaml", "").strip():
+        problems.append(f"{where}: the ConfigMap {name}-config with a non-empty config.yaml is missing")
+    server = cfg.rollout.server()
+    if server is not None and not c.sidecar and not server.url:
+        engine = cfg.rollout.engine
+        problems.append(
+            f"{where}: rollout.engine is {engine} but cluster.rollout_gpus_per_node is 0: the pod runs no "
+            f"{_SERVERS[engine][2]} server; give it rollout GPUs or set rollout.{engine}.url to a server the pod "
+            "can reach"
+        )
+    problems += _api_key_problems(cfg)
+    return problems
+
+
+def _pytorchjob_structure(rendered: Rendered, cfg: RunConfig) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """Replicas, nprocPerNode, cleanPodPolicy and name lengths of a PyTorchJob; its pod specs by replica."""
+    c = cfg.cluster
+    job = rendered.job
+    name = job["metadata"]["name"]
     where = f"PyTorchJob/{name}"
     problems = []
     specs = job["spec"]["pytorchReplicaSpecs"]
@@ -223,45 +283,112 @@ def semantic_problems(rendered: Rendered, cfg: RunConfig) -> list[str]:
     longest = f"{name}-worker-{max(workers - 1, 0)}"
     if len(longest) > 63:
         problems.append(f"{where}: pod name {longest!r} is longer than 63 characters")
-    for rtype, spec in _pod_specs(job).items():
-        problems += _pod_problems(f"{where}: {rtype}", spec, cfg)
-    cms = {o["metadata"]["name"]: o for o in rendered.by_kind("ConfigMap")}
-    cm = cms.get(f"{name}-config")
-    if cm is None or not cm.get("data", {}).get("config.yaml", "").strip():
-        problems.append(f"{where}: the ConfigMap {name}-config with a non-empty config.yaml is missing")
-    if cfg.rollout.engine == "sglang" and not c.sidecar and not cfg.rollout.sglang.url:
-        problems.append(
-            f"{where}: rollout.engine is sglang but cluster.rollout_gpus_per_node is 0: the pod runs no SGLang "
-            "server; give it rollout GPUs or set rollout.sglang.url to a server the pod can reach"
-        )
-    problems += _api_key_problems(cfg)
-    return problems
+    return problems, {f"{where}: {rtype}": spec for rtype, spec in _pod_specs(job).items()}
 
 
-def _pod_problems(where: str, spec: dict[str, Any], cfg: RunConfig) -> list[str]:
+# Set by Trainer's torch plugin (pkg/constants TorchRunReservedEnvNames); a TrainJob that sets one is refused.
+_TORCH_RESERVED_ENV = (
+    "PET_NNODES",
+    "PET_NPROC_PER_NODE",
+    "PET_NODE_RANK",
+    "PET_MASTER_ADDR",
+    "PET_MASTER_PORT",
+)
+
+
+def _trainjob_structure(rendered: Rendered, cfg: RunConfig) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    """What Kubeflow Trainer's torch runtime relies on: the TrainJob names the run's ClusterTrainingRuntime,
+    whose one replicated job `node` (ancestor label trainer, Indexed, `nodes` pods) runs the pod; node
+    counts agree; the restart policy is one a Job accepts."""
+    c = cfg.cluster
+    job = rendered.job
+    name = job["metadata"]["name"]
+    where = f"TrainJob/{name}"
+    spec = job.get("spec") or {}
+    ref = spec.get("runtimeRef") or {}
+    runtimes = {o["metadata"]["name"]: o for o in rendered.runtimes}
+    runtime = runtimes.get(ref.get("name", ""))
+    if ref.get("kind") != "ClusterTrainingRuntime" or runtime is None:
+        return [f"{where}: spec.runtimeRef: must name the run's ClusterTrainingRuntime {name}, got {ref}"], {}
+    rwhere = f"ClusterTrainingRuntime/{runtime['metadata']['name']}"
+    problems = []
+    trainer = spec.get("trainer") or {}
+    policy = (runtime.get("spec") or {}).get("mlPolicy") or {}
+    if trainer.get("numNodes") != c.nodes or policy.get("numNodes") != c.nodes:
+        problems.append(f"{where}: spec.trainer.numNodes ({trainer.get('numNodes')}) and {rwhere}: "
+                        f"mlPolicy.numNodes ({policy.get('numNodes')}) must both be cluster.nodes {c.nodes}")  # fmt: skip
+    if not isinstance(trainer.get("numProcPerNode"), int):
+        problems.append(f"{where}: spec.trainer.numProcPerNode: must be an integer")
+    if not isinstance(policy.get("torch"), dict):
+        problems.append(f"{rwhere}: spec.mlPolicy.torch: must be set, or no PET_* reach torchrun")
+    jobs = (((runtime.get("spec") or {}).get("template") or {}).get("spec") or {}).get("replicatedJobs") or []
+    if [j.get("name") for j in jobs] != ["node"]:
+        problems.append(f"{rwhere}: replicatedJobs: exactly one, named `node` (PET_MASTER_ADDR is "
+                        f"<run>-node-0-0.<run>), got {[j.get('name') for j in jobs]}")  # fmt: skip
+        return problems, {}
+    rjob = jobs[0]
+    jspec = (rjob.get("template") or {}).get("spec") or {}
+    labels = ((rjob.get("template") or {}).get("metadata") or {}).get("labels") or {}
+    if labels.get("trainer.kubeflow.org/trainjob-ancestor-step") != "trainer":
+        problems.append(f"{rwhere}: replicatedJobs.node: needs the label trainer.kubeflow.org/trainjob-ancestor-step: "
+                        "trainer (Trainer finds the trainer's pods by it)")  # fmt: skip
+    counts = (rjob.get("replicas"), jspec.get("parallelism"), jspec.get("completions"))
+    if counts != (1, c.nodes, c.nodes) or jspec.get("completionMode") != "Indexed":
+        problems.append(f"{rwhere}: replicatedJobs.node: replicas 1, parallelism and completions {c.nodes}, "
+                        f"completionMode Indexed (PET_NODE_RANK is the completion index), got {counts}, "
+                        f"{jspec.get('completionMode')}")  # fmt: skip
+    pod = (jspec.get("template") or {}).get("spec") or {}
+    restart = pod.get("restartPolicy")
+    if restart not in ("Never", "OnFailure") or (jspec.get("podFailurePolicy") and restart != "Never"):
+        problems.append(f"{rwhere}: the pod's restartPolicy {restart!r}: a Job takes Never or OnFailure, and "
+                        "Never when it has a podFailurePolicy")  # fmt: skip
+    longest = f"{name}-node-0-{c.nodes - 1}"
+    if len(longest) > 63:
+        problems.append(f"{where}: pod hostname {longest!r} is longer than 63 characters")
+    for ct in pod.get("containers", []):
+        reserved = sorted(e["name"] for e in ct.get("env", []) if e["name"] in _TORCH_RESERVED_ENV)
+        if reserved:
+            problems.append(
+                f"{rwhere}: {ct['name']}: env {', '.join(reserved)}: set by Trainer's torch plugin"
+            )
+    return problems, {f"{rwhere}: node": pod}
+
+
+_STRUCTURE = {"PyTorchJob": _pytorchjob_structure, "TrainJob": _trainjob_structure}
+
+
+# The sidecar of each server engine: container name, startup probe path, name in messages, URL variable.
+_SERVERS = {
+    "sglang": ("sglang", "/health_generate", "SGLang", "USERLOOP_SGLANG_URL"),
+    "vllm": ("vllm", "/health", "vLLM", "USERLOOP_VLLM_URL"),
+}
+
+
+def _pod_problems(where: str, spec: dict[str, Any], cfg: RunConfig, name: str = "pytorch") -> list[str]:
+    """One node's pod; ``name`` is the trainer container's (the job API's)."""
     c = cfg.cluster
     problems = []
     containers = {ct["name"]: ct for ct in spec.get("containers", [])}
     inits = {ct["name"]: ct for ct in spec.get("initContainers", [])}
-    if list(containers) != ["pytorch"]:
-        problems.append(
-            f"{where}: containers: exactly one, named `pytorch` (the operator's webhook), got {list(containers)}"
-        )
+    if list(containers) != [name]:
+        why = "the operator's webhook" if name == "pytorch" else "Kubeflow Trainer's torch plugin"
+        problems.append(f"{where}: containers: exactly one, named `{name}` ({why}), got {list(containers)}")
         return problems
-    trainer = containers["pytorch"]
+    trainer = containers[name]
     if c.sidecar:
-        sidecar = inits.get("sglang")
+        box, ready, _, url_env = _SERVERS.get(cfg.rollout.engine, _SERVERS["sglang"])
+        sidecar = inits.get(box)
         if sidecar is None:
-            problems.append(f"{where}: initContainers: the sglang sidecar is missing")
+            problems.append(f"{where}: initContainers: the {box} sidecar is missing")
         else:
             if sidecar.get("restartPolicy") != "Always":
                 problems.append(
-                    f"{where}: initContainers.sglang.restartPolicy: must be Always (native sidecar)"
+                    f"{where}: initContainers.{box}.restartPolicy: must be Always (native sidecar)"
                 )
             probe = sidecar.get("startupProbe", {}).get("httpGet", {})
-            if probe.get("path") != "/health_generate":
-                problems.append(f"{where}: initContainers.sglang.startupProbe: must probe /health_generate")
-            problems += _hand_over_problems(where, trainer, sidecar, spec)
+            if probe.get("path") != ready:
+                problems.append(f"{where}: initContainers.{box}.startupProbe: must probe {ready}")
+            problems += _hand_over_problems(where, trainer, sidecar, spec, url_env)
     total = _gpus(trainer) + sum(_gpus(ct) for ct in inits.values())
     if total != c.gpus_per_node or _gpus(trainer) != c.trainer_gpus:
         problems.append(
@@ -279,23 +406,23 @@ def _pod_problems(where: str, spec: dict[str, Any], cfg: RunConfig) -> list[str]
             problems.append(f"{where}: {ct['name']}: PVC {c.pvc.name} is not mounted at {c.pvc.mount_path}")
     for env in trainer.get("env", []):
         if _SECRET_NAME.search(env["name"]) and "value" in env:
-            problems.append(f"{where}: pytorch: env {env['name']} has a literal value; use a secretKeyRef")
+            problems.append(f"{where}: {name}: env {env['name']} has a literal value; use a secretKeyRef")
     return problems
 
 
 def _hand_over_problems(
-    where: str, trainer: dict[str, Any], sidecar: dict[str, Any], spec: dict[str, Any]
+    where: str, trainer: dict[str, Any], sidecar: dict[str, Any], spec: dict[str, Any], url_env: str
 ) -> list[str]:
     """Trainer and sidecar hold disjoint GPUs: new weights go through one in-memory volume both mount at the
     directory the trainer writes to (``USERLOOP_WEIGHTS_DIR``), and the trainer must know the server's URL."""
     env = {e["name"]: e.get("value") for e in trainer.get("env", [])}
     problems = []
-    if not env.get("USERLOOP_SGLANG_URL"):
-        problems.append(f"{where}: pytorch: env USERLOOP_SGLANG_URL (the sidecar's URL) is missing")
+    if not env.get(url_env):
+        problems.append(f"{where}: {trainer['name']}: env {url_env} (the sidecar's URL) is missing")
     weights = env.get("USERLOOP_WEIGHTS_DIR")
     if not weights:
         return problems + [
-            f"{where}: pytorch: env USERLOOP_WEIGHTS_DIR (the weight hand-over volume) is missing"
+            f"{where}: {trainer['name']}: env USERLOOP_WEIGHTS_DIR (the weight hand-over volume) is missing"
         ]
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
     mounted = [
@@ -303,7 +430,7 @@ def _hand_over_problems(
         for ct in (trainer, sidecar)
     ]
     if mounted[0] is None or mounted[0] != mounted[1]:
-        problems.append(f"{where}: the trainer and the sglang sidecar must mount the same volume at {weights} "
+        problems.append(f"{where}: the trainer and the {sidecar['name']} sidecar must mount the same volume at {weights} "
                         f"(USERLOOP_WEIGHTS_DIR), got {mounted[0]!r} and {mounted[1]!r}")  # fmt: skip
     elif volumes.get(mounted[0], {}).get("emptyDir", {}).get("medium") != "Memory":
         problems.append(f"{where}: volume {mounted[0]} at {weights}: must be an emptyDir with medium Memory "
@@ -313,15 +440,9 @@ def _hand_over_problems(
 
 def _api_key_problems(cfg: RunConfig) -> list[str]:
     """The trainer reads its keys from the variables its config names: the Secret must provide them."""
-    wanted = {}
-    for section in ("user_simulator", "judge"):
-        env = getattr(getattr(cfg, section, None), "api_key_env", None)
-        backend = getattr(getattr(cfg, section, None), "backend", "api")
-        if env and backend == "api":
-            wanted[f"{section}.api_key_env"] = env
     secret = cfg.cluster.api_key_secret
     problems = []
-    for field, env in wanted.items():
+    for field, env in api_key_vars(cfg).items():
         if secret is None:
             problems.append(
                 f"cluster.api_key_secret: unset, but {field} is {env}: the pod would have no key; "

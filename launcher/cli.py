@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import signal
 import subprocess
@@ -54,18 +55,51 @@ def _fail(err: BaseException) -> typer.Exit:
 
 @app.command()
 def validate(config: ConfigArg, set: SetOpt = None, output: OutputOpt = "text") -> None:
-    """Check a config (schema, cross-field rules, input paths) without running anything."""
+    """Check a config (schema, cross-field rules, input paths) without running anything; warn about unset
+    API key variables (`launcher run` needs them, `launcher submit` does not)."""
+    from trainer.config import check_paths, memory
+
+    warnings: list[str] = []
     try:
-        cfg = _load(config, set)
+        cfg = _load(config, set, check_files=False)
+        warnings = _api_key_warnings(cfg)
+        if output != "json":
+            for line in warnings:
+                print(f"warning: {line}", file=sys.stderr)
+        check_paths(cfg, api_keys=False)
+        plan = memory.check(cfg)  # the cluster plan's per-GPU memory; refuses one that cannot fit
     except UserError as e:
         if output == "json":
-            print(json.dumps({"status": "error", "message": e.render()}))
+            print(json.dumps({"status": "error", "message": e.render(), "warnings": warnings}))
             raise typer.Exit(e.exit_code) from None
         raise _fail(e) from None
     if output == "json":
-        print(json.dumps({"status": "success", "config": cfg.model_dump(mode="json")}))
+        print(json.dumps({"status": "success", "warnings": warnings, "memory": plan,
+                          "config": cfg.model_dump(mode="json")}))  # fmt: skip
     else:
         print(f"{config}: ok ({cfg.algorithm.name}, model {cfg.model.path}, output {cfg.output_dir})")
+        for line in plan:
+            print(line, file=sys.stderr if line.startswith("warning: ") else sys.stdout)
+
+
+def _api_key_warnings(cfg) -> list[str]:
+    """One line per API section whose key variable is unset here: only a local run needs it."""
+    from trainer.config.api_keys import unset_api_keys
+
+    secret = cfg.cluster.api_key_secret
+    pod = (
+        f"the pod reads it from the Secret {secret.name}"
+        if secret
+        else "the pod reads it from the Secret that cluster.api_key_secret names, which is unset"
+    )
+    lines = []
+    for field in unset_api_keys(cfg):
+        name = getattr(cfg, field.split(".")[0]).api_key_env
+        lines.append(
+            f"{field}: environment variable {name} is not set: `launcher run` needs it (export {name}=...); "
+            f"`launcher submit` does not ({pod})"
+        )
+    return lines
 
 
 @app.command()
@@ -103,10 +137,16 @@ def run(
 ) -> None:
     """Train locally: validates the config, then runs `python -m trainer` (with torchrun when --nproc > 1).
 
-    With `rollout.sglang.launch: true` an SGLang server is started first, as the pod's sidecar would be, and
-    stopped when training ends."""
+    With `rollout.sglang.launch` or `rollout.vllm.launch: true` that server is started first, as the pod's
+    sidecar would be, and stopped when training ends. Ctrl-C checkpoints and exits 130 (twice: stops at
+    once); the same command resumes."""
+    from trainer import run_lock
+
     try:
         cfg = _load(config, set)
+        # Another run writing into output_dir: say so now, not after the trainer's start-up (the trainer
+        # takes the lock itself; this only reads it).
+        run_lock.check_free(cfg.output_dir)
     except UserError as e:
         raise _fail(e) from None
     if nproc < 1:
@@ -116,29 +156,36 @@ def run(
         args += ["--set", item]
     if nproc == 1:
         cmd = [sys.executable, "-m", "trainer", *args]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+    else:  # torchrun, with the trainer's exit code and without its traceback after a Ctrl-C (trainer.torchrun)
+        cmd = [sys.executable, "-m", "trainer.torchrun", "--standalone", f"--nproc-per-node={nproc}",
                "-m", "trainer", *args]  # fmt: skip
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    # The command the trainer names in output_dir's lock and in "run the same command again" after Ctrl-C.
+    typed = ["launcher", "run", str(config), *args[2:], *(["--nproc", str(nproc)] if nproc > 1 else [])]
+    env = dict(os.environ, PYTHONUNBUFFERED="1", USERLOOP_COMMAND=shlex.join(typed))
+    # torchrun's wait for its workers after it forwards a signal (30 s by default, then SIGKILL): the grace the
+    # config gives a stop checkpoint.
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(int(cfg.checkpoint.grace_s)))
     with _Signals() as signals:
-        if cfg.rollout.engine != "sglang" or not cfg.rollout.sglang.launch:
+        section = cfg.rollout.server()
+        if section is None or not section.launch:
             raise typer.Exit(signals.run(cmd, env))
-        from launcher.local_sglang import LocalSGLang
+        from launcher.local_server import local_server
 
         try:
-            server = LocalSGLang(cfg, Path(cfg.output_dir) / "sglang.log")
+            server = local_server(cfg, Path(cfg.output_dir) / f"{cfg.rollout.engine}.log")
+            assert server is not None
             if server.trainer_gpus is not None and nproc > len(server.trainer_gpus):
                 raise UserError("--nproc", f"{nproc} trainer processes but {len(server.trainer_gpus)} GPU(s) are "
-                                f"left for the trainer ({','.join(server.trainer_gpus)}; the SGLang server has "
+                                f"left for the trainer ({','.join(server.trainer_gpus)}; the {server.NAME} server has "
                                 f"{','.join(server.server_gpus or [])})", hint="lower --nproc or "
                                 "cluster.rollout_gpus_per_node")  # fmt: skip
             gpus = f", GPUs {','.join(server.server_gpus)}" if server.server_gpus else ""
-            print(f"starting the SGLang server: {' '.join(server.command())} (log {server.log_path}{gpus})",
+            print(f"starting the {server.NAME} server: {' '.join(server.command())} (log {server.log_path}{gpus})",
                   flush=True)  # fmt: skip
             with server:
-                print(f"SGLang server ready at {server.url}", flush=True)
+                print(f"{server.NAME} server ready at {server.url}", flush=True)
                 env = server.trainer_env(env)
-                env["USERLOOP_SGLANG_URL"] = server.url
+                env[server.URL_ENV] = server.url
                 code = signals.run(cmd, env)
         except UserError as e:
             raise _fail(e) from None
@@ -157,8 +204,9 @@ class _Interrupted(BaseException):
 
 class _Signals:
     """SIGINT and SIGTERM while ``launcher run``/``eval`` runs. While the trainer runs they are forwarded to it
-    (it is in a session of its own, so a terminal's Ctrl-C reaches it once, through here): on SIGTERM it
-    finishes its step, checkpoints and exits 143, and the launcher waits for it, then stops the server.
+    (it is in a session of its own, so a terminal's Ctrl-C reaches it once, through here; torchrun passes each
+    on to its workers once): it finishes or abandons its step, checkpoints and exits 143 after SIGTERM, 130
+    after Ctrl-C (a second Ctrl-C stops it at once), and the launcher waits for it, then stops the server.
     Before the trainer starts they raise ``_Interrupted`` (the server is stopped while unwinding); once it
     has ended, or while unwinding, they are ignored so that nothing interrupts stopping the server."""
 
@@ -204,8 +252,9 @@ def eval_(
 
     try:
         cfg = _load(config, set, check_files=False)
-        if cfg.rollout.engine == "sglang" and cfg.rollout.sglang.launch:
-            result = _evaluate_with_local_sglang(cfg, checkpoint, max_samples)
+        section = cfg.rollout.server()
+        if section is not None and section.launch:
+            result = _evaluate_with_local_server(cfg, checkpoint, max_samples)
         else:
             result = api.evaluate(cfg, checkpoint=checkpoint, max_samples=max_samples)
     except UserError as e:
@@ -217,21 +266,23 @@ def eval_(
     print(json.dumps(result.to_dict()))
 
 
-def _evaluate_with_local_sglang(cfg, checkpoint: str, max_samples: int | None):
-    """``launcher eval`` with ``rollout.sglang.launch``: a server of its own, as ``run`` starts (stdout stays JSON)."""
-    from launcher.local_sglang import LocalSGLang
+def _evaluate_with_local_server(cfg, checkpoint: str, max_samples: int | None):
+    """``launcher eval`` with ``rollout.<engine>.launch``: a server of its own, as ``run`` starts (stdout stays JSON)."""
+    from launcher.local_server import local_server
     from trainer import api
 
-    server = LocalSGLang(cfg, Path(cfg.output_dir) / "sglang-eval.log")
-    print(f"starting the SGLang server (log {server.log_path})", file=sys.stderr, flush=True)
+    engine = cfg.rollout.engine
+    server = local_server(cfg, Path(cfg.output_dir) / f"{engine}-eval.log")
+    assert server is not None
+    print(f"starting the {server.NAME} server (log {server.log_path})", file=sys.stderr, flush=True)
     if server.trainer_gpus is not None:  # set before torch initialises CUDA in this process
         os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(server.trainer_gpus)
     # SIGTERM unwinds like Ctrl-C, so the server is stopped rather than left holding its GPU.
     previous = signal.signal(signal.SIGTERM, _raise_interrupt)
     try:
         with server:
-            sg = cfg.rollout.sglang.model_copy(update={"url": server.url})
-            cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={"sglang": sg})})
+            section = getattr(cfg.rollout, engine).model_copy(update={"url": server.url})
+            cfg = cfg.model_copy(update={"rollout": cfg.rollout.model_copy(update={engine: section})})
             return api.evaluate(cfg, checkpoint=checkpoint, max_samples=max_samples)
     finally:
         signal.signal(signal.SIGTERM, previous)

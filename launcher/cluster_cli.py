@@ -5,8 +5,9 @@ never connect to a cluster; every other command builds one ``Cluster`` (``cluste
 that calls the API server). Heavy imports (Helm's library, the kubernetes client) happen inside the
 commands so that ``launcher --help`` stays fast.
 
-Exit codes: 0 success; 1 a failed job or a cluster error; 2 bad config or input (always before any
-cluster call); 124 ``--wait`` timed out.
+Exit codes: 0 success; 1 a failed job or a cluster error (the API server refused a request, or could not be
+reached: one line naming its URL and the cause); 2 bad config or input (always before any cluster call,
+placeholder images included); 124 ``--wait`` timed out.
 """
 
 from __future__ import annotations
@@ -69,11 +70,60 @@ def _load(config: Path, overrides: list[str] | None, namespace: str | None = Non
     return load_config(config, [*(overrides or []), *extra])
 
 
+_BUILD_IMAGES = "build and push the images of docker/ (docker/README.md)"
+_EXAMPLE_IMAGES = {  # the tags docker/README.md builds
+    "cluster.image": "ghcr.io/<you>/userloop-trainer:0.1.0",
+    "cluster.sglang_image": "ghcr.io/<you>/userloop-sglang:v0.5.19-cu129",
+    "cluster.vllm_image": "ghcr.io/<you>/userloop-vllm:v0.32.0",
+}
+
+
+def _refuse_placeholder_images(cfg: Any, config: Path) -> None:
+    """A pod with an image nobody publishes sits in ImagePullBackOff while the job never fails: stop here."""
+    found = list(cfg.cluster.placeholder_images(cfg.rollout.engine).items())
+    if not found:
+        return
+    fields = " and ".join(field for field, _ in found)
+    examples = " ".join(f"--set {field}={_EXAMPLE_IMAGES[field]}" for field, _ in found)
+    raise UserError(
+        str(config),
+        [f"{field}: {image} is a placeholder: no such image is published" for field, image in found],
+        hint=f"{_BUILD_IMAGES}, then set {fields} to them, e.g. {examples} (or in the config's cluster section)",
+    )
+
+
+def _notes(cfg: Any) -> list[str]:
+    """``warning:``/``info:`` lines of render and submit: placeholder images, where the pod's API key comes from."""
+    from trainer.config import memory
+    from trainer.config.api_keys import api_key_vars
+
+    lines = [line if line.startswith("warning: ") else f"info: {line}" for line in memory.check(cfg)]
+    lines += [
+        f"warning: {field}: {image} is a placeholder nobody publishes: `launcher submit` refuses it; "
+        f"{_BUILD_IMAGES}, then set {field}"
+        for field, image in cfg.cluster.placeholder_images(cfg.rollout.engine).items()
+    ]
+    secret = cfg.cluster.api_key_secret
+    by_var: dict[str, list[str]] = {}
+    for field, var in api_key_vars(cfg).items():
+        by_var.setdefault(var, []).append(field)
+    for var, fields in by_var.items():
+        if secret is not None and secret.env == var:  # otherwise the offline checks have refused the config
+            lines.append(
+                f"info: {', '.join(fields)}: in the pod {var} comes from key {secret.key} of the Secret "
+                f"{secret.name} (namespace {cfg.cluster.namespace}; `launcher doctor CONFIG` checks it exists), "
+                "not from this machine"
+            )
+    return lines
+
+
 def _render_checked(cfg: Any, run: str | None, k8s_versions: list[str] | None = None) -> Any:
     from launcher import checks
     from launcher.render import render
     from launcher.values import run_name
+    from trainer.config import memory
 
+    memory.check(cfg)  # a plan whose estimated per-GPU memory cannot fit is refused before anything renders
     rendered = render(cfg, run or run_name(cfg))
     checks.check(rendered, cfg, k8s_versions)
     return rendered
@@ -127,6 +177,8 @@ def render_cmd(
     cfg = _load(config, set)
     _check_run_name(run_name, cfg)
     rendered = _render_checked(cfg, run_name, k8s_version)
+    for line in _notes(cfg):
+        print(line, file=sys.stderr)
     versions = ", ".join(k8s_version or [cfg.cluster.k8s_version])
     if out_dir is None:
         sys.stdout.write(rendered.to_yaml())
@@ -134,7 +186,8 @@ def render_cmd(
         for path in write(rendered, out_dir):
             print(path)
     print(
-        f"rendered {rendered.run}: {len(rendered.objects)} objects, valid for Kubernetes {versions} and the PyTorchJob CRD",
+        f"rendered {rendered.run}: {len(rendered.objects)} objects, valid for Kubernetes {versions} and the "
+        f"{' and '.join(o['kind'] for o in [*rendered.runtimes, rendered.job])} CRD",
         file=sys.stderr,
     )
 
@@ -162,22 +215,34 @@ def submit_cmd(
     output: OutputOpt = "text",
     poll_interval: PollOpt = 5.0,
 ) -> None:
-    """Create the run's ConfigMap and PyTorchJob (after offline checks and a server-side dry run)."""
+    """Create the run's ConfigMap and job: a PyTorchJob, or a TrainJob and its ClusterTrainingRuntime
+    (`cluster.api`), after offline checks and a server-side dry run."""
     from launcher import runs
 
     _check_output(output)
     cfg = _load(config, set, namespace)
     _check_run_name(run_name, cfg)
+    _refuse_placeholder_images(cfg, config)  # --dry-run too: it promises what submit would send
     rendered = _render_checked(cfg, run_name)
+    for line in _notes(cfg):
+        print(line, file=sys.stderr)
     if dry_run:
         sys.stdout.write(rendered.to_yaml())
         print(f"dry run: {rendered.run} rendered and validated; nothing was sent", file=sys.stderr)
         return
     cluster = _connect(kubeconfig, context, cfg.cluster.namespace)
     say = (lambda _: None) if output == "json" else runs._print
-    runs.submit(cluster, rendered, say=say)
+    for attempt in range(3):
+        try:
+            runs.submit(cluster, rendered, say=say)
+            break
+        except runs.RunNameTaken:
+            # A generated name (minute + 2 random hex) can collide; an explicit --run-name is the user's.
+            if run_name is not None or attempt == 2:
+                raise
+            rendered = _render_checked(cfg, None)
     ns, run = cluster.namespace, rendered.run
-    logs_cmd = f"kubectl logs -n {ns} -f {run}-master-0 -c pytorch"
+    logs_cmd = rendered.api.logs_command(ns, run)
     if output == "json":
         print(json.dumps({"status": "success", "run": run, "namespace": ns, "logs_command": logs_cmd}))
     else:
@@ -195,7 +260,9 @@ def submit_cmd(
             for line in runs.failure_report(cluster, run, cluster.get_job(run) or {}):
                 print(line)
     if wait and not follow:
-        code = runs.wait(cluster, run, timeout=timeout, interval=poll_interval, say=runs._print)
+        code = runs.wait(
+            cluster, run, timeout=timeout, interval=poll_interval, say=runs._print, api=rendered.api
+        )
     raise typer.Exit(code)
 
 
@@ -239,8 +306,18 @@ def logs_cmd(
     follow: Annotated[
         bool, typer.Option("--follow", "-f", help="Stream, reconnecting across restarts.")
     ] = False,
-    replica: Annotated[str, typer.Option(help="master-0, worker-0, worker-1, ...")] = "master-0",
-    container: Annotated[str, typer.Option("--container", "-c", help="pytorch or sglang.")] = "pytorch",
+    replica: Annotated[
+        str | None,
+        typer.Option(
+            help="PyTorchJob: master-0 (default), worker-0, ...; TrainJob: node-0 (default), node-1, ..."
+        ),
+    ] = None,
+    container: Annotated[
+        str | None,
+        typer.Option(
+            "--container", "-c", help="The trainer (default: pytorch; a TrainJob's: node) or sglang."
+        ),
+    ] = None,
     tail: Annotated[int | None, typer.Option(help="Only the last N lines (without -f).")] = None,
     kubeconfig: KubeconfigOpt = None,
     context: ContextOpt = None,
@@ -254,7 +331,7 @@ def logs_cmd(
     if follow:
         runs.follow(cluster, name, replica=replica, container=container, interval=poll_interval)
         return
-    sys.stdout.write(cluster.pod_log(f"{name}-{replica}", container, tail_lines=tail))
+    sys.stdout.write(runs.pod_log(cluster, name, replica, container, tail))
 
 
 @_handled
@@ -264,7 +341,7 @@ def list_cmd(
     namespace: NamespaceOpt = None,
     output: OutputOpt = "text",
 ) -> None:
-    """userloop runs in the namespace (PyTorchJobs with our labels), newest first."""
+    """userloop runs in the namespace (PyTorchJobs and TrainJobs with our labels), newest first."""
     from launcher import runs
 
     _check_output(output)
@@ -292,7 +369,7 @@ def delete_cmd(
     context: ContextOpt = None,
     namespace: NamespaceOpt = None,
 ) -> None:
-    """Delete a run: its PyTorchJob, pods and ConfigMap. Output on the PVC stays."""
+    """Delete a run: its job, pods and ConfigMap (and a TrainJob's ClusterTrainingRuntime). Output on the PVC stays."""
     from launcher import runs
     from launcher.cluster import ClusterError
 

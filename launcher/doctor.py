@@ -1,7 +1,9 @@
 """``launcher doctor [CONFIG]``: is this cluster ready for a run? One line per check, ✓ or ✗ and what to do.
 
-Checks what otherwise fails late and silently: a PyTorchJob CRD too old to keep native sidecars (the
-field is dropped, the sidecar becomes a plain init container and the trainer never starts), a missing
+Checks what otherwise fails late and silently: which job API the cluster serves (PyTorchJob, Kubeflow
+Trainer's TrainJob, or both) against the config's ``cluster.api``, a PyTorchJob or runtime CRD too old to
+keep native sidecars (the field is dropped, the sidecar becomes a plain init container and the trainer
+never starts), a missing
 Secret or key (pods sit in CreateContainerConfigError while the job never fails), a PVC that is unbound
 or not ReadWriteMany for a multi-node run, no node with enough GPUs. All reads go through ``Cluster``.
 """
@@ -11,7 +13,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from launcher.cluster import Cluster, ClusterError
+from launcher.cluster import Cluster, ClusterError, ClusterUnreachable
+from launcher.job_apis import CLUSTER_TRAINING_RUNTIME, JOB_APIS, TRAINJOB, JobApi
 from trainer.config import RunConfig
 
 OPERATOR_VERSION = "v1.8.1"
@@ -34,11 +37,12 @@ class Check:
 
 def run_checks(cluster: Cluster, cfg: RunConfig | None) -> list[Check]:
     checks = [Check(True, f"API server {cluster.host} reachable, namespace {cluster.namespace}")]
-    checks.append(_crd(cluster))
+    checks += _job_apis(cluster, cfg)
     checks.append(_namespace(cluster))
     if cfg is not None:
         checks += _secret(cluster, cfg)
         checks.append(_pvc(cluster, cfg))
+        checks += _priority_class(cluster, cfg)
     checks.append(_gpus(cluster, cfg))
     return checks
 
@@ -46,8 +50,73 @@ def run_checks(cluster: Cluster, cfg: RunConfig | None) -> list[Check]:
 def _guard(fn: Any, *args: Any) -> Any:
     try:
         return fn(*args)
+    except ClusterUnreachable:
+        raise  # every other check would say the same: one error, and the exit code of a cluster error
     except ClusterError as e:
         return Check(None, f"{e.source}: {e.problems[0]}", e.hint or "")
+
+
+def _job_apis(cluster: Cluster, cfg: RunConfig | None) -> list[Check]:
+    """The CRDs of the job API the config uses (PyTorchJob without a config), in detail; the other API only
+    when the cluster serves it: as an alternative, or as the fix when the chosen one is missing."""
+    chosen = JOB_APIS[cfg.cluster.api if cfg else "pytorchjob"]
+    other = next(api for api in JOB_APIS.values() if api is not chosen)
+    check = _CRD_CHECKS[chosen.name](cluster)
+    if not _served(cluster, other):
+        return [check]
+    if check.ok is False:
+        check.fix = f"this cluster serves {other.kind} ({other.product}): set cluster.api: {other.name}; or {check.fix}"
+        return [check]
+    return [check, Check(True, f"the cluster also serves {other.kind} ({other.product}): cluster.api: {other.name} would work too")]  # fmt: skip
+
+
+def _served(cluster: Cluster, api: JobApi) -> bool:
+    """Whether the cluster serves the job API's kind (False also when this account may not tell)."""
+    crd = _guard(cluster.crd, api.resource.crd, api.kind)
+    if isinstance(crd, Check) or crd is None:
+        return False
+    return any(
+        v.get("name") == api.resource.version and v.get("served") for v in crd["spec"].get("versions", [])
+    )
+
+
+# Kubeflow Trainer runs every TrainJob as a JobSet (its install brings JobSet along).
+JOBSET_CRD = "jobsets.jobset.x-k8s.io"
+
+
+def _trainjob_crds(cluster: Cluster) -> Check:
+    """TrainJob, ClusterTrainingRuntime and JobSet CRDs; the runtime's pod keeps native sidecars; the TrainJob
+    knows spec.activeDeadlineSeconds (Kubeflow Trainer v2.2, the oldest whose API the chart's objects fit)."""
+    found = {}
+    install = f"install Kubeflow Trainer v2.3: {TRAINJOB.install}"
+    for name, kind in ((TRAINJOB.resource.crd, "TrainJob"), (CLUSTER_TRAINING_RUNTIME.crd, "ClusterTrainingRuntime"),
+                       (JOBSET_CRD, "JobSet")):  # fmt: skip
+        crd = _guard(cluster.crd, name, kind)
+        if isinstance(crd, Check):
+            return crd
+        if crd is None:
+            return Check(False, f"{kind} CRD ({name.split('.', 1)[1]}) is not installed", install)
+        found[kind] = crd
+    schemas = {}
+    for kind in ("TrainJob", "ClusterTrainingRuntime"):
+        versions = {v.get("name"): v for v in found[kind].get("spec", {}).get("versions", [])}
+        served = versions.get(TRAINJOB.resource.version)
+        if not served or not served.get("served"):
+            return Check(False, f"{kind} CRD does not serve {TRAINJOB.resource.api_version}", install)
+        schemas[kind] = served.get("schema", {}).get("openAPIV3Schema", {})
+    spec = (schemas["TrainJob"].get("properties") or {}).get("spec") or {}
+    if "activeDeadlineSeconds" not in (spec.get("properties") or {}):
+        return Check(
+            False,
+            "TrainJob CRD predates Kubeflow Trainer v2.2 (no spec.activeDeadlineSeconds)",
+            f"upgrade: {install}",
+        )
+    if not crd_keeps_native_sidecars(schemas["ClusterTrainingRuntime"]):
+        return Check(False, "ClusterTrainingRuntime CRD drops initContainers[].restartPolicy, so the SGLang sidecar "
+                     "would block the trainer", f"upgrade: {install}")  # fmt: skip
+    return Check(
+        True, "TrainJob, ClusterTrainingRuntime and JobSet CRDs installed; the runtime keeps native sidecars"
+    )
 
 
 def _crd(cluster: Cluster) -> Check:
@@ -76,6 +145,9 @@ def _crd(cluster: Cluster) -> Check:
             f"upgrade: {INSTALL_OPERATOR}",
         )
     return Check(True, "PyTorchJob CRD installed and keeps native sidecars (training-operator >= v1.8)")
+
+
+_CRD_CHECKS = {"pytorchjob": _crd, "trainjob": _trainjob_crds}
 
 
 def crd_keeps_native_sidecars(schema: dict[str, Any]) -> bool:
@@ -165,6 +237,25 @@ def _pvc(cluster: Cluster, cfg: RunConfig) -> Check:
         )
         return Check(None, f"PVC {p.name} is {phase}", note)
     return Check(True, f"PVC {p.name} is Bound ({', '.join(modes)})")
+
+
+def _priority_class(cluster: Cluster, cfg: RunConfig) -> list[Check]:
+    # The job is accepted without it, but admission refuses every pod the operator creates: the job stays
+    # Created with no pods, and only the job's events (FailedCreatePod) say why.
+    name = cfg.cluster.priority_class
+    if not name:
+        return []
+    found = _guard(cluster.priority_class_exists, name)
+    if isinstance(found, Check):
+        return [found]
+    if found is None:
+        return [Check(None, f"PriorityClass {name}: not allowed to read PriorityClasses", "ask an admin, or ignore")]  # fmt: skip
+    if not found:
+        fix = "`kubectl get priorityclasses` lists them: fix cluster.priority_class"
+        return [
+            Check(False, f"PriorityClass {name} does not exist (every pod of the run would be refused)", fix)
+        ]
+    return [Check(True, f"PriorityClass {name} exists")]
 
 
 def _gpus(cluster: Cluster, cfg: RunConfig | None) -> Check:

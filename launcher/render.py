@@ -14,12 +14,21 @@ from typing import Any
 
 import yaml
 
+from launcher.job_apis import JobApi, api_of
 from launcher.values import to_values
 from trainer.config import RunConfig
 from trainer.errors import UserError
 
-# Creation order: shared objects first, the ConfigMap before the job whose pods mount it.
-KIND_ORDER = ("ServiceAccount", "PersistentVolumeClaim", "ConfigMap", "PyTorchJob")
+# Creation order: shared objects first, the ConfigMap before the job whose pods mount it, a TrainJob's
+# runtime before the TrainJob (Trainer's webhook refuses a TrainJob whose runtime does not exist yet).
+KIND_ORDER = (
+    "ServiceAccount",
+    "PersistentVolumeClaim",
+    "ConfigMap",
+    "ClusterTrainingRuntime",
+    "PyTorchJob",
+    "TrainJob",
+)
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
@@ -36,7 +45,18 @@ class Rendered:
 
     @property
     def job(self) -> dict[str, Any]:
-        return self.by_kind("PyTorchJob")[0]
+        """The PyTorchJob or the TrainJob."""
+        return next(o for o in self.objects if o["kind"] in ("PyTorchJob", "TrainJob"))
+
+    @property
+    def api(self) -> JobApi:
+        return api_of(self.job)
+
+    @property
+    def runtimes(self) -> list[dict[str, Any]]:
+        """The cluster-scoped objects the job needs created first (a TrainJob's ClusterTrainingRuntime)."""
+        kind = self.api.runtime.kind if self.api.runtime else None
+        return self.by_kind(kind) if kind else []
 
     def to_yaml(self) -> str:
         return "".join("---\n" + dump_object(o) for o in self.objects)

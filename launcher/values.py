@@ -62,13 +62,71 @@ def sglang_args(cfg: RunConfig) -> list[str]:
         # Adapters are loaded at run time as new versioned names (/load_lora_adapter), so the server
         # must reserve LoRA memory for the rank and modules up front.
         modules = ["all"] if lora.target_modules == "all-linear" else list(lora.target_modules)
+        # SGLang asserts max_loaded_loras >= max_loras_per_batch, whose default (8) is above ours (2 or more,
+        # the config's rule): say both. A batch holds at most the serving adapter and base-only requests
+        # (SGLang's health checks), so 2 slots suffice; fewer slots also reserve less GPU memory.
+        per_batch = min(2, c.sglang.max_loaded_loras)
         args += [
             "--enable-lora",
             "--max-lora-rank", str(lora.r),
             "--lora-target-modules", *modules,
             "--max-loaded-loras", str(c.sglang.max_loaded_loras),
+            "--max-loras-per-batch", str(per_batch),
         ]  # fmt: skip
     return args + list(c.sglang.extra_args)
+
+
+# The server environment the weight hand-over needs: /collective_rpc, /pause, /weight_info, /server_info
+# (dev mode) and /v1/load_lora_adapter (runtime LoRA). The chart's sidecar and `rollout.vllm.launch` set it.
+VLLM_ENV = {"VLLM_SERVER_DEV_MODE": "1", "VLLM_ALLOW_RUNTIME_LORA_UPDATING": "True"}
+# vLLM reserves LoRA memory only for these ranks (vllm/config/lora.py MaxLoRARanks).
+_VLLM_LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)
+
+
+def vllm_args(cfg: RunConfig) -> list[str]:
+    """``vllm.entrypoints.openai.api_server`` flags (vLLM 0.32) for the sidecar."""
+    c = cfg.cluster
+    # The kubelet probes the pod IP, so the server cannot listen on 127.0.0.1 only.
+    args = [
+        "--model", cfg.model.path,
+        "--host", "0.0.0.0",
+        "--port", str(c.vllm.port),
+        "--tensor-parallel-size", str(c.rollout_gpus_per_node),
+        "--gpu-memory-utilization", str(c.vllm.gpu_memory_utilization),
+        "--seed", str(cfg.algorithm.seed),
+        # Log-probs after temperature: the distribution the trainer scores (rollout/logprob_diff).
+        "--logprobs-mode", "processed_logprobs",
+    ]  # fmt: skip
+    if cfg.model.dtype != "auto":
+        args += ["--dtype", cfg.model.dtype]
+    lora = cfg.model.lora
+    if lora.enabled:
+        # Adapters are loaded at run time under new versioned names, so the server reserves LoRA memory up
+        # front, for the smallest rank it supports that holds the adapter's.
+        rank = next((r for r in _VLLM_LORA_RANKS if r >= lora.r), lora.r)
+        args += ["--enable-lora", "--max-lora-rank", str(rank), "--max-loras", str(c.vllm.max_loras)]
+    return args + list(c.vllm.extra_args)
+
+
+def _sidecar_values(cfg: RunConfig, engine: str) -> dict[str, Any]:
+    """The chart's ``sglang`` or ``vllm`` value: enabled when the pod runs that engine's sidecar."""
+    c = cfg.cluster
+    on = c.sidecar and cfg.rollout.engine == engine  # the config refuses a sidecar no engine would use
+    server = c.sglang if engine == "sglang" else c.vllm
+    resources = c.resources.sglang if engine == "sglang" else c.resources.vllm
+    values = {
+        "enabled": on,
+        "image": c.sglang_image if engine == "sglang" else c.vllm_image,
+        "gpus": max(c.rollout_gpus_per_node, 1),
+        "cpu": resources.cpu,
+        "memory": resources.memory,
+        "port": server.port,
+        "args": (sglang_args(cfg) if engine == "sglang" else vllm_args(cfg)) if on else [],
+        "startupFailureThreshold": -(-server.startup_timeout_s // 10),
+    }
+    if engine == "vllm":
+        values["env"] = dict(VLLM_ENV)
+    return values
 
 
 def to_values(cfg: RunConfig, run: str) -> dict[str, Any]:
@@ -78,6 +136,7 @@ def to_values(cfg: RunConfig, run: str) -> dict[str, Any]:
     secret = c.api_key_secret
     return {
         "configName": cfg.name,
+        "api": c.api,
         "runConfig": pod_config_yaml(cfg, run),
         "image": c.image,
         "imagePullPolicy": c.image_pull_policy,
@@ -86,16 +145,8 @@ def to_values(cfg: RunConfig, run: str) -> dict[str, Any]:
         # One torchrun process per trainer GPU; a CPU pod runs one process.
         "nprocPerNode": str(gpus) if gpus > 0 else "1",
         "trainer": {"gpus": gpus, "cpu": c.resources.trainer.cpu, "memory": c.resources.trainer.memory},
-        "sglang": {
-            "enabled": c.sidecar,
-            "image": c.sglang_image,
-            "gpus": max(c.rollout_gpus_per_node, 1),
-            "cpu": c.resources.sglang.cpu,
-            "memory": c.resources.sglang.memory,
-            "port": c.sglang.port,
-            "args": sglang_args(cfg) if c.sidecar else [],
-            "startupFailureThreshold": -(-c.sglang.startup_timeout_s // 10),
-        },
+        "sglang": _sidecar_values(cfg, "sglang"),
+        "vllm": _sidecar_values(cfg, "vllm"),
         "shmSize": c.shm_size,
         "weightsSize": c.weights_size,
         "tmpSize": c.tmp_size,
@@ -163,7 +214,8 @@ def parse_quantity(text: str) -> Decimal:
 def gang_resources(cfg: RunConfig) -> dict[str, str]:
     """The whole gang's resources, sidecars included (the operator's own total counts `pytorch` only)."""
     c = cfg.cluster
-    per_pod = [c.resources.trainer] + ([c.resources.sglang] if c.sidecar else [])
+    sidecar = c.resources.vllm if cfg.rollout.engine == "vllm" else c.resources.sglang
+    per_pod = [c.resources.trainer] + ([sidecar] if c.sidecar else [])
     cpu = sum(parse_quantity(r.cpu) for r in per_pod) * c.nodes
     memory = sum(parse_quantity(r.memory) for r in per_pod) * c.nodes
     out = {"cpu": _cpu_text(cpu), "memory": _bytes_text(memory)}

@@ -139,7 +139,8 @@ class ScoreUpstream:
         with self._lock:
             if auth is not None:
                 self.authorizations.append(auth)
-            echo = self._echo.popleft() if self._echo else None
+            # Only completions: the run-start probe (GET /models) is not one of the calls a test scripts.
+            echo = self._echo.popleft() if self._echo and request.method == "POST" else None
         if echo is not None:
             message = f"Incorrect API key provided: {auth}. Request headers: {dict(request.headers)}"
             return web.json_response(
@@ -215,6 +216,9 @@ def run_overrides(
     return [
         f"output_dir={work / 'run'}",
         f"model.path={tiny_model}",
+        # The config's laptop profile (its header): the in-process engine, no GPU kept for an SGLang sidecar.
+        "rollout.engine=hf",
+        "cluster.rollout_gpus_per_node=0",
         "model.gradient_checkpointing=false",
         "algorithm.batch_size=2",
         "algorithm.group_size=2",

@@ -3,7 +3,8 @@
 Two subprocesses run ``python -m benchmarks.run --quick --write --docs <tmp>`` side by side, half of
 the benchmarks each (~40 s on 2 idle CPU cores, ~55 s one after the other): fresh processes, as
 ``make bench`` runs them, and the test process's torch settings stay untouched. TRL is optional (the
-``bench`` extra): without it the GRPO table says so instead of a TRL row.
+``bench`` extra): without it the GRPO table says so instead of a TRL row. So is vLLM (``.venv-vllm``,
+scripts/vllm_venv.sh): without it its section says it was not measured.
 """
 
 from __future__ import annotations
@@ -15,6 +16,14 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def _vllm_row() -> str:
+    """The real vLLM server runs when .venv-vllm exists (scripts/vllm_venv.sh); else the section says so."""
+    from trainer.testing.vllm_server import vllm_python
+
+    return "| quickstart (4x4, 1 tok) | vllm |" if vllm_python() else "**Not measured: no vLLM environment"
+
 
 SECTIONS = {
     "grpo": ("## GRPO step throughput: userloop vs TRL vs the floor", "| full | floor |"),
@@ -29,6 +38,7 @@ SECTIONS = {
     ),
     "launcher": ("## Launcher cold start", "| `launcher --help` |"),
     "overlap": ("## Multi-turn overlap", "| L (s) |"),
+    "vllm": ("## Rollout engines: GRPO step with hf vs vLLM", _vllm_row()),
     "gpu": ("## GPU (H200 class)", "MFU"),
 }
 
@@ -37,7 +47,7 @@ def test_every_benchmark_runs_quick_and_writes_its_table(tmp_path: Path) -> None
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
     groups = {
         "a": ["grpo", "checkpoint", "gpu"],
-        "b": ["api", "overlap", "launcher", "logprobs"],
+        "b": ["api", "overlap", "launcher", "logprobs", "vllm"],
     }  # ~equal halves
     procs = {}
     for group, names in groups.items():

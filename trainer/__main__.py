@@ -1,7 +1,9 @@
 """``python -m trainer --config PATH [--set key=value ...]``: the one entry point of training.
 
 Used by ``launcher run``, by ``torchrun``/``accelerate launch``, and by the container in the pod.
-Exit codes: 0 done, 1 failed, 2 bad config or input, 143 stopped by SIGTERM after a checkpoint (retry).
+Exit codes: 0 done, 1 failed, 2 bad config or input (or ``output_dir`` in use by another run), 130 stopped
+by Ctrl-C (after a checkpoint of the last finished step, unless pressed twice; run the same command to
+resume), 143 stopped by SIGTERM after a checkpoint (retry).
 """
 
 from __future__ import annotations
@@ -10,10 +12,11 @@ import argparse
 import contextlib
 import gc
 import os
+import shlex
 import sys
 from collections.abc import Iterator
 
-from trainer.errors import UserError, report
+from trainer.errors import EXIT_INTERRUPTED, Interrupted, UserError, report
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -23,6 +26,10 @@ def main(argv: list[str] | None = None) -> int:
         "--set", action="append", default=[], metavar="KEY=VALUE", help="override a config value"
     )
     args = parser.parse_args(argv)
+    # The command to show in output_dir's lock and to say how to resume (``launcher run`` passes its own;
+    # torchrun's options are not visible from here).
+    launch = ["torchrun", "..."] if "TORCHELASTIC_RUN_ID" in os.environ else ["python"]
+    os.environ.setdefault("USERLOOP_COMMAND", shlex.join([*launch, "-m", "trainer", *(argv or sys.argv[1:])]))
     try:
         with _no_gc_while_importing():
             from trainer.config import check_paths, load_config
@@ -34,8 +41,10 @@ def main(argv: list[str] | None = None) -> int:
         api.train(cfg)
     except UserError as e:
         return report(e)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:
+        if not isinstance(e, Interrupted):  # before the first step: the session had not taken Ctrl-C over yet
+            print("interrupted (Ctrl-C) while starting: nothing to checkpoint", file=sys.stderr, flush=True)
+        return EXIT_INTERRUPTED
     return 0
 
 

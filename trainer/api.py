@@ -1,7 +1,9 @@
 """The Python API: the same actions as the CLI, for notebooks and agent frameworks.
 
 Each returns a result object whose ``to_dict()`` is the JSON the CLI prints
-(``{"status": "success", ...}``); errors the user can fix raise ``trainer.errors.UserError``.
+(``{"status": "success", ...}``); errors the user can fix raise ``trainer.errors.UserError``, whose ``str()``
+is the one-line message and its ``Hint:``. Ctrl-C during ``train`` (a notebook's interrupt) checkpoints like
+the CLI and raises ``trainer.errors.Interrupted`` (a ``KeyboardInterrupt``); call ``train`` again to resume.
 
     from trainer.config import load_config
     from trainer import api
@@ -11,6 +13,8 @@ Each returns a result object whose ``to_dict()`` is the JSON the CLI prints
 
 from __future__ import annotations
 
+import signal
+import threading
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,14 +50,30 @@ class EvalResult:
 
 
 def train(cfg: RunConfig):
-    """Run the configured algorithm; returns ``trainer.session.TrainResult``."""
+    """Run the configured algorithm; returns ``trainer.session.TrainResult``.
+
+    However it ends, the caller gets back its SIGINT and SIGTERM handlers (the run replaces them while it
+    trains) and ``output_dir``'s lock is released: a notebook can interrupt, fix and train again.
+    """
+    from trainer import run_lock
+
     if cfg.algorithm.name == "sft":
         from trainer.sft import train as run
     elif cfg.algorithm.name == "ppo":
         from trainer.ppo import train as run
     else:
         from trainer.grpo import train as run
-    return run(cfg)
+    main_thread = threading.current_thread() is threading.main_thread()
+    handlers = {sig: signal.getsignal(sig) for sig in (signal.SIGINT, signal.SIGTERM)} if main_thread else {}
+    held = run_lock.held()
+    try:
+        return run(cfg)
+    finally:
+        for lock in run_lock.held():
+            if lock not in held:
+                lock.release()
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
 
 
 def inspect_data(cfg: RunConfig, split: str = "train") -> DataResult:

@@ -273,6 +273,14 @@ def latest(output_dir: str | Path, verify: bool = True) -> Path | None:
     return None
 
 
+def step_of(path: Path) -> int | None:
+    """The optimizer step a checkpoint holds: its manifest's, else its ``step_N`` name; None if neither says."""
+    with contextlib.suppress(OSError, ValueError, TypeError, KeyError):
+        return int(json.loads((path / MANIFEST).read_text())["step"])
+    m = _STEP_DIR.match(path.name)
+    return int(m.group(1)) if m else None
+
+
 def verify_manifest(path: Path) -> str | None:
     try:
         manifest = json.loads((path / MANIFEST).read_text())

@@ -27,7 +27,8 @@ from trainer.model import disable_dropout, resolve_dtype
 CRITIC = "critic"
 
 
-def load_critic(cfg: RunConfig, device: torch.device, checkpoint_dir: Path | None = None) -> torch.nn.Module:
+def load_critic(cfg: RunConfig, device: torch.device, checkpoint_dir: Path | None = None,
+                place: bool = True) -> torch.nn.Module:  # fmt: skip
     """The value model: fresh from ``critic_path``/``model.path`` (head zero-initialised), or a saved ``critic/``.
 
     LoRA on the policy means LoRA on the critic too (same rank and targets, the ``score`` head trained in
@@ -67,7 +68,7 @@ def load_critic(cfg: RunConfig, device: torch.device, checkpoint_dir: Path | Non
         model.gradient_checkpointing_enable()
     # The loss compares values of the same states across forwards; dropout noise would look like learning.
     disable_dropout(model)
-    return model.to(device).train()
+    return (model.to(device) if place else model).train()  # FSDP (place=False) moves it layer by layer
 
 
 def values(critic: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:

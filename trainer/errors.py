@@ -12,6 +12,8 @@ import traceback
 # Exit codes documented in the README.
 EXIT_USAGE = 2  # bad config, bad input, bad command line
 EXIT_FAILED = 1  # a run or job that failed
+# Ctrl-C, as shells report it (128 + SIGINT): the run did not finish, whether or not it checkpointed first.
+EXIT_INTERRUPTED = 130
 
 
 class UserError(Exception):
@@ -23,7 +25,12 @@ class UserError(Exception):
         self.source = source
         self.problems = [problems] if isinstance(problems, str) else list(problems)
         self.hint = hint
-        super().__init__(self.render())
+        super().__init__(source, problems, hint)  # args that rebuild the error (pickling, copying)
+
+    def __str__(self) -> str:
+        # What a notebook or a caller's log shows: the message and what to do (``report`` prints the same two
+        # lines, without a traceback).
+        return self.render() + (f"\nHint: {self.hint}" if self.hint else "")
 
     def render(self) -> str:
         if len(self.problems) == 1:
@@ -31,6 +38,10 @@ class UserError(Exception):
         return f"{self.source}: {len(self.problems)} problems\n" + "\n".join(
             f"  - {p}" for p in self.problems
         )
+
+
+class Interrupted(KeyboardInterrupt):
+    """Ctrl-C ended the run, and the trainer has already said so (and where it checkpointed)."""
 
 
 def report(err: BaseException, stream=None) -> int:

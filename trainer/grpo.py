@@ -40,7 +40,8 @@ class RolloutBatch:
     advantages: torch.Tensor
     # [B, T-1] log-probs under the policy that sampled the batch; ``policy_loss`` fills it on the first pass
     old_logp: torch.Tensor | None
-    # [B, T-1] the rollout engine's log-prob of each target token (0 off the loss mask); None when it reports none
+    # [B, T-1] the rollout engine's log-prob of each target token (0 off the loss mask); None when it reports none.
+    # ``rollout/logprob_diff`` and truncated importance sampling (``algorithm.tis_cap``) compare ``old_logp`` with it.
     engine_logp: torch.Tensor | None = None
 
     def __len__(self) -> int:
@@ -195,6 +196,14 @@ def policy_loss(session: Session, batch: RolloutBatch, cfg: RunConfig, n_tokens:
     adv = adv if adv.dim() == 2 else adv.unsqueeze(1)
     clipped = torch.clamp(ratio, 1 - algo.clip_range, 1 + algo.clip_range)
     pg = -torch.minimum(ratio * adv, clipped * adv)
+    tis_raw = None
+    if batch.engine_logp is not None and algo.tis_cap is not None:
+        # Truncated importance sampling (Yao et al. 2025): the engine sampled these tokens with its own
+        # numerics (bf16, its kernels), not exactly the policy ``old`` scores. Weight each token by how much
+        # likelier the trainer finds it than the engine did, capped so that a token the engine found far less
+        # likely cannot dominate the step. [B, T-1], detached; 1 off the mask (both log-probs are 0 there).
+        tis_raw = torch.exp(old - batch.engine_logp)
+        pg = pg * tis_raw.clamp(max=algo.tis_cap)
     per_token = pg
     mask = batch.loss_mask
     if algo.entropy_coef > 0:
@@ -216,6 +225,8 @@ def policy_loss(session: Session, batch: RolloutBatch, cfg: RunConfig, n_tokens:
         }
         if batch.engine_logp is not None:  # ``old`` is the pre-update policy: it sampled these tokens
             stats["rollout/logprob_diff"] = float(((old - batch.engine_logp).abs() * mask).sum() / n_tokens)
+        if tis_raw is not None:
+            stats["rollout/tis_clip_frac"] = float(((tis_raw > algo.tis_cap).float() * mask).sum() / n_tokens)
     return loss, stats
 
 
@@ -235,7 +246,7 @@ def reference_model(session: Session):
         return None
     from trainer.model import load_reference
 
-    return load_reference(cfg.model, session.device)
+    return session.prepare_frozen(load_reference(cfg.model, session.device, place=not session.plan.fsdp))
 
 
 def episode_runner(session: Session) -> tuple[EpisodeRunner, SamplingParams]:
@@ -269,7 +280,7 @@ def train(cfg: RunConfig) -> TrainResult:
             else:
                 advantages = group_advantages([t.reward for t in trajectories], algo.group_size)
             batch = trajectory_batch(trajectories, advantages, tok.pad_token_id, session.device)
-            batch.engine_logp = engine_logprobs(trajectories, batch)  # for rollout/logprob_diff
+            batch.engine_logp = engine_logprobs(trajectories, batch)  # logprob_diff, tis_cap
             n_tokens = session.loss_denominator(
                 float(batch.loss_mask.sum())
             )  # every token counts once, any rank
@@ -352,7 +363,8 @@ def _rollout_metrics(
     return out
 
 
-_SUMMED = ("episodes/invalid", "episodes/invalid_total", "episodes/malformed_actions", "episodes/truncated")
+_SUMMED = ("episodes/invalid", "episodes/invalid_total", "episodes/malformed_actions", "episodes/truncated",
+           "episodes/user_faults", "episodes/tool_errors")  # fmt: skip
 
 
 def _summed(values: dict[str, float], world: int, all_keys: bool = False) -> dict[str, float]:

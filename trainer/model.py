@@ -79,7 +79,9 @@ def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     return tok
 
 
-def load_policy(cfg: ModelConfig, device: torch.device, checkpoint: Path | None = None) -> PreTrainedModel:
+def load_policy(cfg: ModelConfig, device: torch.device, checkpoint: Path | None = None,
+                place: bool = True) -> PreTrainedModel:  # fmt: skip
+    """The policy in ``device``'s dtype, moved there unless ``place`` is false (FSDP moves it layer by layer)."""
     dtype = resolve_dtype(cfg.dtype, device, trains_all_weights=not cfg.lora.enabled)
     source = checkpoint if checkpoint is not None and not cfg.lora.enabled else cfg.path
     model = from_pretrained(source, dtype)
@@ -100,14 +102,15 @@ def load_policy(cfg: ModelConfig, device: torch.device, checkpoint: Path | None 
                 task_type="CAUSAL_LM",
             )
             model = get_peft_model(model, lora)
-    return model.to(device)
+    return model.to(device) if place else model
 
 
-def load_reference(cfg: ModelConfig, device: torch.device) -> PreTrainedModel | None:
+def load_reference(cfg: ModelConfig, device: torch.device, place: bool = True) -> PreTrainedModel | None:
     """A frozen copy of the starting weights for the KL term; None with LoRA (the base is the reference)."""
     if cfg.lora.enabled:
         return None
-    ref = from_pretrained(cfg.path, resolve_dtype(cfg.dtype, device)).to(device).eval()
+    ref = from_pretrained(cfg.path, resolve_dtype(cfg.dtype, device))
+    ref = (ref.to(device) if place else ref).eval()
     ref.requires_grad_(False)
     return ref
 

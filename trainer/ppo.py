@@ -45,6 +45,7 @@ from trainer.grpo import (
     reference_model,
     trajectory_batch,
 )
+from trainer.parallel import clip_grad_norm
 from trainer.rollout import Trajectory, write_samples
 from trainer.session import Session, TrainResult
 
@@ -76,7 +77,7 @@ def train(cfg: RunConfig) -> TrainResult:
 
             # 2. Rewards on tokens, the critic's values, GAE.
             batch = _batch(trajectories, tok.pad_token_id, session.device)
-            batch.engine_logp = engine_logprobs(trajectories, batch)  # for rollout/logprob_diff
+            batch.engine_logp = engine_logprobs(trajectories, batch)  # logprob_diff, tis_cap
             with torch.no_grad():
                 micro = batch.split(algo.grad_accum)
                 batch.old_values = torch.cat(
@@ -132,25 +133,16 @@ def _start_critic(session: Session) -> tuple[torch.nn.Module, torch.optim.Optimi
     session so every checkpoint saves them."""
     cfg, algo = session.cfg, session.cfg.algorithm
     saved = session.resume_from / CRITIC if session.resume_from is not None else None
-    if saved is not None and not (saved / "training_state.pt").is_file():
+    if saved is not None and not saved.is_dir():
         raise UserError(f"checkpoint {session.resume_from}", "has no critic/ (written by a run without a critic)",
                         hint=f"start PPO in its own output_dir with model.path: {session.resume_from}/policy")  # fmt: skip
-    model = load_critic(cfg, session.device, saved)
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=algo.critic_lr or algo.lr, weight_decay=algo.weight_decay)
-    model, optimizer = session.accelerator.prepare(model, optimizer)
-    if saved is not None:
-        # weights_only=False: an optimizer state dict we wrote ourselves (plain tensors and numbers).
-        optimizer.load_state_dict(
-            torch.load(saved / "training_state.pt", map_location="cpu", weights_only=False)
-        )
-    session.extra_models[CRITIC] = (model, optimizer)
-    return model, optimizer
+    model = load_critic(cfg, session.device, saved, place=not session.plan.fsdp)  # FSDP places it itself
+    return session.add_model(CRITIC, model, lr=algo.critic_lr or algo.lr)
 
 
 def _critic_step(critic: torch.nn.Module, optimizer: torch.optim.Optimizer, max_norm: float | None) -> float:
     params = [p for p in critic.parameters() if p.requires_grad]
-    norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm else float("inf"))
+    norm = clip_grad_norm(params, max_norm)  # the global norm under FSDP too
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     return float(norm)

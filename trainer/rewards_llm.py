@@ -14,6 +14,10 @@ loss, never scored 0 (seed 001's "fallback score" is exactly what we must not do
     s = await judge.score(messages=episode_messages, answer=row_answer)
     if s.invalid: mark the episode invalid
     else: reward += reward_cfg.weight * s.value
+
+``JudgeScore.record()`` (parsed score, normalised value, reason if invalid, the raw reply's first 300
+characters) is what ``logs/episodes.jsonl`` shows of each verdict, so a rubric that the judge misreads shows up
+in the conversations before it shows up in the reward curve.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from trainer.config.multiturn import LlmJudgeReward
+from trainer.envs.base import excerpt
 from trainer.llm.parsing import json_object, strip_thinking
 from trainer.llm.types import LLMClient, Message
 
@@ -37,6 +42,11 @@ class JudgeScore:
     value: float | None  # normalised to [0, 1]; None when invalid
     raw: float | None = None  # the judge's number on its own scale
     invalid: str | None = None
+    reply: str = ""  # the judge's raw reply, cut at 300 characters: why it scored (or did not parse) so
+
+    def record(self) -> dict[str, float | str | None]:
+        """This verdict as ``logs/episodes.jsonl`` shows it under ``judges.<reward name>``."""
+        return {"score": self.raw, "value": self.value, "invalid": self.invalid, "reply": self.reply}
 
 
 def parse_score(text: str, lo: float, hi: float) -> float:
@@ -86,6 +96,7 @@ class LlmJudge:
         res = await self.client.complete(
             self.build_messages(messages, answer), parse=lambda t: parse_score(t, lo, hi)
         )
+        reply = excerpt(res.text)
         if not res.ok:
-            return JudgeScore(None, None, res.error or "judge failed")
-        return JudgeScore(normalise(res.value, lo, hi), res.value)
+            return JudgeScore(None, None, res.error or "judge failed", reply)
+        return JudgeScore(normalise(res.value, lo, hi), res.value, reply=reply)

@@ -20,6 +20,33 @@ call (same sampling order, same numbers for the same seed).
 Invalid episodes (an API call that failed after its retries, an unparseable judge reply) get
 ``reward=None``: the trainer excludes them from the loss and they are counted here
 (``episodes/invalid``); too many in the window stops the run (``check_stop``).
+
+``logs/episodes.jsonl`` (``write_samples``): two episodes of each training step, one JSON object each::
+
+    step        the optimizer step whose rollout this episode was
+    reward      the weighted total the trainer used (environment score + rewards + llm_judge); null: invalid
+    invalid     why the episode could not be scored (excluded from the loss), else null
+    turns       agent turns taken
+    parts       each reward's raw value by name, the environment's score under its name; null: not applicable
+    env         {"name", "score": environment.score (sum | mean | last), and the environment's result info
+                (IntentionGym: task "id", details "covered" of "details"; tau2: "task_id", "termination",
+                "tool_calls", "tool_errors", "tau2_reward", "breakdown", "user_fault")}
+    turn_log    one entry per agent turn: "turn" (1-based), "reward" (the environment's turn reward; null for a
+                turn it did not score: the agent ended, or the turn was invalid), "credit" (the turn's reward
+                under algorithm.advantage: turn and PPO: its reward, the episode's other rewards added to the
+                last turn; absent when invalid), and the environment's verdict (StepResult.info; IntentionGym:
+                "question", "covered", "already_covered", "remaining", "judge", or "malformed"; an invalid
+                turn has "invalid").
+                parts[env.name] == aggregate(rewards of the scored turns, env.score)
+    judges      {reward name: {"score": the judge's number, "value": normalised to [0, 1], "invalid", "reply":
+                its raw reply (first 300 characters)}} for each llm_judge reward; {} without one
+    messages    the conversation: "role" and "content" as given to the chat template, "from" (who wrote it:
+                "prompt" for the dataset's messages, "agent", "user_simulator", "environment"), and on each
+                observation "seen_as": the tokens the model got after its turn, decoded (end of its turn, the
+                message as the template renders it, the next generation prompt). IntentionGym's user replies
+                have role "tool": they answer the agent's interact_with_env call (also with text_action: ask,
+                so the model sees one format); Qwen3's template shows them inside a user turn as
+                <tool_response>...</tool_response>, the quickstart's tiny model as a "tool" turn.
 """
 
 from __future__ import annotations
@@ -30,7 +57,7 @@ import json
 import queue
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -38,11 +65,12 @@ from typing import TYPE_CHECKING, Any
 from trainer.config.multiturn import LlmJudgeReward, UserSimulatorConfig
 from trainer.config.schema import RunConfig
 from trainer.engines.base import Completion, RolloutEngine, SamplingParams
-from trainer.envs import Environment, EpisodeResult, make_environment
+from trainer.envs import Environment, EpisodeResult, StepResult, make_environment
 from trainer.envs.invalid import InvalidMonitor
 from trainer.errors import UserError
 from trainer.evaluate import sample_args
 from trainer.llm import LLMClient, LoopThread, ResponseCache, make_client, merge_snapshots, open_cache
+from trainer.llm.probe import check_endpoints
 from trainer.llm.types import Message
 from trainer.prompts import TurnTemplate, encode_chat
 from trainer.rewards import Reward, score
@@ -77,6 +105,20 @@ class Trajectory:
     # [T] the engine's log-prob of each agent token at sampling time (0 on context); None when the engine
     # reports none (HF). Compared with the trainer's own in ``rollout/logprob_diff``.
     engine_logprobs: list[float] | None = None
+    # What logs/episodes.jsonl shows beyond the above (see write_samples; never read by the trainer):
+    # [K] per agent turn: its environment reward, the verdict behind it (StepResult.info), the credit it got.
+    turn_log: list[dict[str, Any]] = field(default_factory=list)
+    # [len(messages)] who wrote each message ("from": prompt, agent, user_simulator, environment)
+    message_info: list[dict[str, str]] = field(default_factory=list)
+    # (message index, start, end): the context tokens token_ids[start:end] that followed an agent turn, filed under
+    # the observation they carry; decoded by ``decode`` only when the episode is written ("seen_as").
+    context_spans: list[tuple[int, int, int]] = field(default_factory=list)
+    decode: Callable[[list[int]], str] | None = None
+    judges: dict[str, dict[str, Any]] = field(default_factory=dict)  # each llm_judge reward's verdict
+    env_info: dict[str, Any] = field(default_factory=dict)  # environment name, score mode, its result's info
+    # Why the user simulator spoiled the episode (tau2: broke role, leaked its goal, stopped early): excluded like an
+    # invalid one (reward None, ``invalid`` says why) but counted in episodes/user_faults, not in the invalid rate.
+    user_fault: str | None = None
 
 
 class GenerationBatcher:
@@ -207,6 +249,10 @@ class EpisodeRunner:
                 for r in judge_rewards
             ]
             self.envs = {split: self._environment(split) for split in ("train", "val")}
+            # A dead api_base or a wrong key stops the run here, before any step, naming the role and URL: an
+            # agent that never calls the API tool would otherwise never notice (issue 12). Given clients are not.
+            given = [id(c) for c in self._given.values()]
+            self.loop.run(check_endpoints([c for c in self.clients if id(c) not in given]))
         except BaseException:
             self.close()
             raise
@@ -276,7 +322,7 @@ class EpisodeRunner:
         busy = self.batcher.busy_s - busy0
         if split == "train":
             for t in trajectories:
-                self.monitor.add(t.invalid)
+                self.monitor.add(None if t.user_fault else t.invalid)  # a simulator fault is no API failure
             self._step = {
                 "time/rollout_s": wall,
                 "time/engine_busy_s": busy,
@@ -292,15 +338,21 @@ class EpisodeRunner:
         self, env: Environment, row: dict, prompt_ids: list[int], params: SamplingParams
     ) -> Trajectory:
         episode = env.start(row)
+        begin = getattr(episode, "begin", None)
+        if begin is not None:  # an opening fetched by API (tau2: the simulated customer's first message)
+            await begin()
         if not self.single_turn:  # the session's prompts carry no tool schemas
             prompt_ids = encode_chat(self.tokenizer, episode.messages, episode.tools)
         ids, mask = list(prompt_ids), [0] * len(prompt_ids)
         messages: list[Message] = list(episode.messages)
+        info: list[dict[str, str]] = [{"from": "prompt"} for _ in messages]
         limit = self.cfg.environment.max_episode_tokens
         last: Completion | None = None
         truncated = False
         spans: list[tuple[int, int]] = []
         step_rewards: list[float] = []
+        turn_log: list[dict[str, Any]] = []
+        spans_seen: list[tuple[int, int, int]] = []
         logprobs: list[float] | None = [0.0] * len(ids)
         while not episode.done:
             if last is not None and len(ids) + params.max_new_tokens > limit:
@@ -317,31 +369,62 @@ class EpisodeRunner:
                 else self.template.agent_text(last.completion_ids, last.finished)
             )
             messages.append({"role": "assistant", "content": text})
+            info.append({"from": "agent"})
             step = await episode.step(text)
             step_rewards.append(step.reward or 0.0)
+            turn_log.append(_turn_entry(len(spans), step))
             if step.done or self.template is None:
                 break
             context = self.template.observation_ids(step.observation, last.completion_ids)
+            if step.observation:
+                # The role alone does not say what the model saw (Qwen3 wraps a tool message in a user turn).
+                spans_seen.append(
+                    (len(messages) + len(step.observation) - 1, len(ids), len(ids) + len(context))
+                )
             ids += context
             mask += [0] * len(context)
             logprobs = None if logprobs is None else logprobs + [0.0] * len(context)
             messages += step.observation
-        assert last is not None
+            info += [{"from": step.observation_from} for _ in step.observation]
         result = episode.result()
-        reward, parts, invalid = await self._score(row, result, messages, last, sum(mask))
+        if last is None:  # the opening failed: no agent turn, nothing to train on
+            return self._unplayed(prompt_ids, messages, info, result)
+        reward, parts, invalid, judges = await self._score(row, result, messages, last, sum(mask))
         turn_rewards: list[float] = []
         if reward is not None:
             # The rest of the reward (`rewards`, judges; all of it for single_turn, whose step reward is None)
             # is the episode's outcome: credited to the last turn.
             env_part = 0.0 if self.single_turn else (result.score or 0.0)
             turn_rewards = [*step_rewards[:-1], step_rewards[-1] + reward - env_part]
+        for entry, credit in zip(turn_log, turn_rewards, strict=False):
+            entry["credit"] = credit
+        env_cfg = self.cfg.environment
+        env_info = {"name": env_cfg.name, "score": env_cfg.score, **result.info}
         return Trajectory(ids, mask, reward, parts, invalid, result.turns, sum(mask), last.finished,
-                          result.malformed_actions, truncated, messages, turn_spans=spans,
-                          turn_rewards=turn_rewards, engine_logprobs=logprobs)  # fmt: skip
+                          result.malformed_actions, truncated, messages, user_fault=result.user_fault, turn_spans=spans,
+                          turn_rewards=turn_rewards, engine_logprobs=logprobs, turn_log=turn_log,
+                          message_info=info, context_spans=spans_seen, decode=self._decode, judges=judges,
+                          env_info=env_info)  # fmt: skip
+
+    def _unplayed(self, prompt_ids: list[int], messages: list[Message], info: list[dict[str, str]],
+                  result: EpisodeResult) -> Trajectory:  # fmt: skip
+        """An episode that ended before the agent's first turn: excluded (reward None), with its reason."""
+        fault = f"user_fault: {result.user_fault}" if result.user_fault else None
+        invalid = result.invalid or fault or "no agent turn"
+        env_cfg = self.cfg.environment
+        return Trajectory(list(prompt_ids), [0] * len(prompt_ids), None, {env_cfg.name: None}, invalid, 0, 0, False,
+                          messages=messages, message_info=info, decode=self._decode, user_fault=result.user_fault,
+                          engine_logprobs=[0.0] * len(prompt_ids),  # no sampled token: nothing to compare
+                          env_info={"name": env_cfg.name, "score": env_cfg.score, **result.info})  # fmt: skip
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=False)
 
     async def _score(self, row: dict, result: EpisodeResult, messages: list[Message], last: Completion,
-                     agent_tokens: int) -> tuple[float | None, dict[str, float | None], str | None]:  # fmt: skip
-        """Weighted total of the environment's score, the sync ``rewards`` and the ``llm_judge`` rewards."""
+                     agent_tokens: int) -> tuple[float | None, dict[str, float | None], str | None,
+                                                 dict[str, dict[str, Any]]]:  # fmt: skip
+        """Weighted total of the environment's score, the sync ``rewards`` and the ``llm_judge`` rewards, and each
+        judge's verdict (for episodes.jsonl)."""
         max_new = self.cfg.rollout.max_new_tokens
         if self.single_turn:
             sample = sample_args(row, last, max_new)  # exactly the foundation's reward arguments
@@ -353,7 +436,8 @@ class EpisodeRunner:
         totals, raw = score(self.rewards, [sample]) if self.rewards else ([0.0], {})
         parts: dict[str, float | None] = {name: values[0] for name, values in raw.items()}
         total = totals[0]
-        invalid = result.invalid
+        invalid = result.invalid or (f"user_fault: {result.user_fault}" if result.user_fault else None)
+        judged: dict[str, dict[str, Any]] = {}
         if not self.single_turn:
             parts[self.cfg.environment.name] = result.score
             if result.score is not None:
@@ -363,11 +447,12 @@ class EpisodeRunner:
             verdicts = await asyncio.gather(*(judge.score(messages, answer) for _, _, judge in self.judges))
             for (name, weight, _), v in zip(self.judges, verdicts, strict=True):
                 parts[name] = v.value
+                judged[name] = v.record()
                 if v.invalid is not None:
                     invalid = invalid or f"{name}: {v.invalid}"
                 elif v.value is not None:
                     total += weight * v.value
-        return (None if invalid else total), parts, invalid
+        return (None if invalid else total), parts, invalid, judged
 
     # ------------------------------------------------------------------ metrics, evaluation, stopping
 
@@ -378,8 +463,16 @@ class EpisodeRunner:
         m["episodes/turns_mean"] = statistics.fmean(t.turns for t in trajectories)
         m["episodes/malformed_actions"] = float(sum(t.malformed_actions for t in trajectories))
         m["episodes/truncated"] = float(sum(t.truncated for t in trajectories))
+        m["episodes/user_faults"] = float(sum(t.user_fault is not None for t in trajectories))
+        m["episodes/tool_errors"] = float(sum(t.env_info.get("tool_errors", 0) for t in trajectories))
         if self.clients:
             m.update(merge_snapshots([c.stats for c in self.clients], reset_window=True))
+            # The api/<role>/* counters also count a local model's generations: the step line and the plots
+            # must not call those API calls.
+            for c in self.clients:
+                section = getattr(self.cfg, c.stats.name, None)
+                if section is not None and section.backend == "local":
+                    m[f"local/{c.stats.name}"] = 1.0
         return m
 
     def evaluate(self, rows: Sequence[tuple[int, dict, list[int]]], world_reduce) -> dict[str, float]:
@@ -437,12 +530,30 @@ class EpisodeRunner:
                 self.cache = None
 
 
+def _turn_entry(turn: int, step: StepResult) -> dict[str, Any]:
+    """One ``turn_log`` entry of episodes.jsonl: the turn's environment reward and the environment's verdict."""
+    entry: dict[str, Any] = {"turn": turn, "reward": step.reward, **step.info}
+    if step.invalid is not None:
+        entry["invalid"] = step.invalid
+    return entry
+
+
 def write_samples(path: str | Path, step: int, trajectories: Sequence[Trajectory], k: int = 2) -> None:
     """Append ``k`` conversations of a step to ``path`` (``logs/episodes.jsonl``): what the agent asked, what the
-    simulated user answered, the reward or why the episode was invalid. Reading them is how a bad relay, a
-    confused user simulator or a reward bug shows up before the curves do."""
+    simulated user answered, what each turn scored and why, the reward or why the episode was invalid. Reading
+    them is how a bad relay, a confused user simulator or a reward bug shows up before the curves do. The schema
+    of a record is in the module docstring."""
     with Path(path).open("a", encoding="utf-8") as f:
         for t in trajectories[:k]:
+            messages = (
+                [{**m, **i} for m, i in zip(t.messages, t.message_info, strict=True)]
+                if len(t.message_info) == len(t.messages)
+                else [dict(m) for m in t.messages]
+            )
+            if t.decode is not None:
+                for i, start, end in t.context_spans:
+                    messages[i]["seen_as"] = t.decode(t.token_ids[start:end])
             record = {"step": step, "reward": t.reward, "invalid": t.invalid, "turns": t.turns, "parts": t.parts,
-                      "messages": t.messages}  # fmt: skip
+                      "env": t.env_info, "turn_log": t.turn_log, "judges": t.judges,
+                      "messages": messages}  # fmt: skip
             f.write(json.dumps(record, ensure_ascii=False) + "\n")

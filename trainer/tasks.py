@@ -70,9 +70,15 @@ def write_task_files(task: str, train_path: str | Path, val_path: str | Path | N
 def write_generated(cfg: RunConfig) -> None:
     """Write ``cfg.data.generate``'s task where its files are missing: JSONL rows for the single-turn tasks;
     for ``seat-booking`` (multi-turn, IntentionGym format) Parquet rows at ``data.*.path`` and the intention
-    JSON at ``environment.intentions`` / ``val_intentions``."""
+    JSON at ``environment.intentions`` / ``val_intentions``; for ``tau2-tasks`` JSONL rows naming the tasks of
+    ``environment.domain_dir``."""
     g, data, env = cfg.data.generate, cfg.data, cfg.environment
     if g is None:
+        return
+    if g.task == "tau2-tasks":
+        from trainer.envs.tau2_format import write_generated_rows
+
+        write_generated_rows(cfg)
         return
     if g.task in INTENTION_TASKS:
         from trainer.envs.intentiongym_sample import write_seat_task

@@ -68,8 +68,13 @@ def build_tokenizer(vocab_size: int = 160):
     return fast
 
 
-def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, layers: int = 2) -> dict:
-    """Write a random-initialised Qwen3ForCausalLM and its tokenizer to ``out_dir``; return a summary."""
+def build_tiny_model(
+    out_dir: str | Path, seed: int = 0, hidden_size: int = 64, layers: int = 2, head_dim: int | None = None
+) -> dict:
+    """Write a random-initialised Qwen3ForCausalLM and its tokenizer to ``out_dir``; return a summary.
+
+    ``head_dim`` defaults to ``hidden_size // 4`` (4 heads); vLLM's CPU attention kernel refuses head
+    dimensions below 32, so a model it serves needs ``head_dim=32`` (Qwen3 lets it exceed hidden/heads)."""
     import torch
     from transformers import GenerationConfig, Qwen3Config, Qwen3ForCausalLM
 
@@ -86,7 +91,7 @@ def build_tiny_model(out_dir: str | Path, seed: int = 0, hidden_size: int = 64, 
         num_hidden_layers=layers,
         num_attention_heads=4,
         num_key_value_heads=2,
-        head_dim=hidden_size // 4,
+        head_dim=head_dim or hidden_size // 4,
         max_position_embeddings=1024,
         tie_word_embeddings=True,
         bos_token_id=None,

@@ -194,3 +194,47 @@ def test_episodes_overlap_their_api_calls(sample: dict[str, Path]) -> None:
 
     # 8 episodes x (user reply + verdict) at 0.2 s each: concurrent, so about one round trip in all.
     assert run(all_steps()) < 0.6
+
+
+def test_turn_verdicts_name_the_matched_detail_and_a_repeat(sample: dict[str, Path]) -> None:
+    """episodes.jsonl's turn_log comes from StepResult.info: which detail the rule judge matched and why, and
+    that a question about a detail already covered scores 0 because of that."""
+    env = make_env(sample, ScriptedClient(lambda m: "Sure."), judge_backend="rule", max_turns=3)
+    episode = env.start(first_row(env))
+    assert episode.intention.task == "Plan a weekend trip for me."  # the sample's first task
+    question = "Would you rather go to the beach?"
+    first = run(episode.step(ask(question)))
+    assert first.observation_from == "user_simulator" and first.info["question"] == question
+    assert first.reward == 1.0 and first.info["covered"] == ["Preferred type of destination"]
+    assert first.info["judge"] == {
+        "backend": "rule",
+        "matched": {"Preferred type of destination": "option 'beach'"},
+    }
+    assert first.info["already_covered"] == [] and first.info["remaining"] == 3
+    again = run(episode.step(ask(question)))
+    assert again.reward == 0.0 and again.info["covered"] == [] and again.info["judge"]["matched"] == {}
+    assert again.info["already_covered"] == ["Preferred type of destination"]
+    malformed = run(episode.step("<tool_call>{oops}</tool_call>"))
+    assert malformed.observation_from == "environment" and "not valid JSON" in malformed.info["malformed"]
+
+
+def test_api_verdicts_keep_the_judges_raw_reply(sample: dict[str, Path]) -> None:
+    judge = ScriptedClient(['{"covered": [1]}', "It covers the budget, I think."])
+    env = make_env(sample, ScriptedClient(lambda m: "ok"), judge, judge_backend="api")
+    episode = env.start(first_row(env))
+    first_detail = episode.intention.details[0]
+    step = run(episode.step(ask("What is your budget?")))
+    assert step.info["judge"] == {"backend": "api", "reply": '{"covered": [1]}'}
+    assert step.info["covered"] == [first_detail.description] and "already_covered" not in step.info
+    bad = run(
+        episode.step(ask("And the dates?"))
+    )  # an unparseable verdict: invalid, with what the judge said
+    assert bad.invalid and bad.info["judge"]["reply"] == "It covers the budget, I think."
+    assert bad.info["question"] == "And the dates?"
+
+
+def test_merged_verdicts_keep_the_raw_reply(sample: dict[str, Path]) -> None:
+    user = ScriptedClient(['{"reply": "Next weekend.", "covered": [1]}'])
+    env = make_env(sample, user, judge_backend="api", merged=True)
+    step = run(env.start(first_row(env)).step(ask("When?")))
+    assert step.info["judge"] == {"backend": "merged", "reply": '{"reply": "Next weekend.", "covered": [1]}'}

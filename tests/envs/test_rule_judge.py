@@ -44,3 +44,14 @@ def test_each_inquiry_covers_exactly_its_detail(sample: dict[str, Path]) -> None
     for item in load_intentions(sample["train_intentions"]).values():
         for i, detail in enumerate(item.details):
             assert rule_covered(detail.inquiry, item.details) == [i], (item.task, detail.inquiry)
+
+
+def test_rule_matches_gives_the_evidence() -> None:
+    from trainer.envs.intentiongym import rule_matches
+
+    assert rule_matches("Would you rather go to the beach?", DETAILS) == {2: "option 'beach'"}
+    assert rule_matches("What is your budget for the trip?", DETAILS) == {
+        0: "inquiry keywords ['budget', 'trip'] of ['budget', 'trip']; "
+        "description keywords ['budget', 'trip'] of ['budget', 'trip']"
+    }
+    assert rule_matches("Hello!", DETAILS) == {}

@@ -41,7 +41,12 @@ def test_trainer_image_matches_the_chart() -> None:
     assert f"USER {defaults.run_as_user}:{defaults.run_as_user}" in text
     assert f"--uid {defaults.run_as_user}" in text
     assert 'ENTRYPOINT ["python", "-m", "trainer"]' in text
-    assert re.search(r"^FROM pytorch/pytorch:\d+\.\d+\.\d+-cuda[\d.]+-cudnn\d+-runtime$", text, re.M)
+    # Plain Python of the lock's minor version; torch comes from the lock, not from the base image.
+    base = re.search(r"^FROM python:(\d+)\.(\d+)\.\d+-slim-\w+$", text, re.M)
+    assert base, "pin a Python release tag"
+    lock_python = re.search(r"with Python (\d+)\.(\d+)", (REPO / "constraints.txt").read_text())
+    assert base.groups() == lock_python.groups()
+    assert "--constraint constraints.txt torch" in text
     assert "LITELLM_LOCAL_MODEL_COST_MAP=True" in text
 
 
@@ -53,18 +58,43 @@ def test_sglang_image_matches_the_configs_pin() -> None:
     assert f"USER {ClusterConfig().run_as_user}:" in text
 
 
-def test_image_requirements_pin_every_dependency() -> None:
+def _lock() -> dict[str, str]:
+    pins = {}
+    for line in (REPO / "constraints.txt").read_text().splitlines():
+        if line and not line.startswith("#"):
+            name, sep, version = line.partition("==")
+            assert sep and version, f"constraints.txt: {line!r} is not an exact pin"
+            pins[name.lower().replace("_", "-")] = version
+    return pins
+
+
+def test_the_lock_pins_every_dependency() -> None:
+    # Every install path (make install, .ci/run, the image) takes its versions from constraints.txt: a
+    # dependency missing there would float to the newest release the day it is installed.
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    wanted = project["dependencies"] + [d for d in project["optional-dependencies"]["train"] if "[" not in d]
-    names = {re.split(r"[<>=;\[ ]", d, maxsplit=1)[0].lower().replace("_", "-") for d in wanted} - {"torch"}
-    pins = {}
-    for line in (DOCKER / "requirements-train.txt").read_text().splitlines():
-        if line and not line.startswith("#"):
-            name, _, version = line.partition("==")
-            pins[name.lower().replace("_", "-")] = version
-    assert names <= set(pins), f"not pinned in docker/requirements-train.txt: {sorted(names - set(pins))}"
-    assert all(pins.values())
+    extras = project["optional-dependencies"]
+    wanted = project["dependencies"] + [
+        d for name in ("train", "dev", "bench") for d in extras[name] if not d.startswith("userloop[")
+    ]
+    names = {re.split(r"[<>=;\[ ]", d, maxsplit=1)[0].lower().replace("_", "-") for d in wanted}
+    pins = _lock()
+    assert names <= set(pins), f"not pinned in constraints.txt (run make lock): {sorted(names - set(pins))}"
+    assert {"pip", "setuptools", "torch"} <= set(pins)
+    assert pins["torch"] == "2.13.0", "the CPU build on this machine's disk; any other torch pulls CUDA wheels"
+
+
+def test_every_install_path_uses_the_lock() -> None:
+    makefile = (REPO / "Makefile").read_text()
+    assert "-c constraints.txt" in makefile and "--no-build-isolation" in makefile
+    assert "make test" in (REPO / ".ci/run").read_text()
+    dockerfile = (DOCKER / "Dockerfile").read_text()
+    assert dockerfile.count("--constraint constraints.txt") >= 3
+    assert "!constraints.txt" in (DOCKER / "Dockerfile.dockerignore").read_text()
+    for flow in (REPO / ".github" / "workflows").glob("*.yml"):
+        for line in flow.read_text().splitlines():
+            if "pip install" in line:
+                assert "-c constraints.txt" in line, f"{flow.name}: {line.strip()}"
 
 
 def _k8s_objects() -> list[dict]:
@@ -107,8 +137,13 @@ CLIENT_CALLS: dict[str, tuple[str, str, str] | None] = {
     "read_namespaced_secret": ("", "secrets", "get"),
     # Cluster-scoped: a Role cannot grant them; doctor reports "cannot check" on 403.
     "read_custom_resource_definition": None,
+    # A TrainJob's ClusterTrainingRuntime (cluster.api: trainjob): needs a ClusterRole, see docs/launcher.md.
+    "create_cluster_custom_object": None,
+    "get_cluster_custom_object": None,
+    "delete_cluster_custom_object": None,
     "read_namespace": None,
     "list_node": None,
+    "read_priority_class": None,
     # Only when the shared objects are missing; the CI account leaves that to an admin (k8s/README.md).
     "create_namespaced_service_account": None,
     "create_namespaced_persistent_volume_claim": None,
@@ -151,7 +186,7 @@ def test_every_api_call_of_the_launcher_is_accounted_for_in_the_role_table() -> 
     # A new client call in cluster.py must be added to CLIENT_CALLS (and so to the Role, or marked
     # as not grantable) before this passes: the Role cannot silently fall behind the code.
     source = (REPO / "launcher" / "cluster.py").read_text()
-    static = set(re.findall(r"self\.(?:core|custom|apiext)\.([a-z_]+)", source))
+    static = set(re.findall(r"self\.(?:core|custom|apiext|scheduling)\.([a-z_]+)", source))
     dynamic = set(re.findall(r'f"((?:create|read|delete)_namespaced)_\{_snake\(kind\)\}"', source))
     assert dynamic == {"create_namespaced", "read_namespaced", "delete_namespaced"}
     kinds = re.search(r"def _snake.*?\{(.*?)\}\[kind\]", source, re.S).group(1)

@@ -165,3 +165,88 @@ def test_render_as_a_subprocess_imports_nothing_heavy(tmp_path: Path) -> None:
     )  # fmt: skip
     assert cli.returncode == 2
     assert "Error: " in cli.stderr and "cluster.nodes" in cli.stderr and "Traceback" not in cli.stderr
+
+
+# ----------------------------------------------------------------------------- placeholder images
+
+# Pinned images someone published (any registry but the defaults' ghcr.io/userloop, which nobody publishes).
+IMAGES = ["--set", "cluster.image=registry.example.com/team/userloop-trainer:0.1.0",
+          "--set", "cluster.sglang_image=registry.example.com/team/userloop-sglang:v0.5.19-cu129"]  # fmt: skip
+PLACEHOLDER_HINT = "build and push the images of docker/ (docker/README.md)"
+
+
+def test_render_warns_about_the_placeholder_images_and_still_renders() -> None:
+    result = runner.invoke(app, ["render", CONFIG, "--run-name", "sidecar-test0001"])
+    assert result.exit_code == 0, result.output
+    assert [d["kind"] for d in yaml.safe_load_all(result.stdout) if d][-1] == "PyTorchJob"
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert warnings == [
+        "warning: cluster.image: ghcr.io/userloop/trainer:0.1.0 is a placeholder nobody publishes: `launcher "
+        f"submit` refuses it; {PLACEHOLDER_HINT}, then set cluster.image",
+        "warning: cluster.sglang_image: ghcr.io/userloop/sglang:v0.5.19-cu129 is a placeholder nobody publishes: "
+        f"`launcher submit` refuses it; {PLACEHOLDER_HINT}, then set cluster.sglang_image",
+    ]
+    quiet = runner.invoke(app, ["render", CONFIG, *IMAGES])
+    assert quiet.exit_code == 0 and "warning" not in quiet.stderr
+
+
+@pytest.mark.parametrize("dry_run", [True, False], ids=["dry-run", "submit"])
+def test_submit_refuses_the_placeholder_images_before_anything_else(dry_run: bool) -> None:
+    # No kubeconfig exists (conftest): a submit that got as far as connecting would fail differently.
+    args = ["submit", CONFIG, *(["--dry-run"] if dry_run else [])]
+    result = runner.invoke(app, args, catch_exceptions=False)
+    assert result.exit_code == 2, result.output
+    assert result.stdout == ""  # no manifests printed
+    lines = result.stderr.splitlines()
+    assert lines[0] == f"Error: {CONFIG}: 2 problems"
+    assert (
+        lines[1]
+        == "  - cluster.image: ghcr.io/userloop/trainer:0.1.0 is a placeholder: no such image is published"
+    )
+    assert lines[2].startswith(
+        "  - cluster.sglang_image: ghcr.io/userloop/sglang:v0.5.19-cu129 is a placeholder"
+    )
+    assert lines[3].startswith(f"Hint: {PLACEHOLDER_HINT}, then set cluster.image and cluster.sglang_image")
+    assert "--set cluster.image=ghcr.io/<you>/userloop-trainer:0.1.0" in lines[3]
+    # Another tag of the placeholder repository is no better.
+    other_tag = runner.invoke(app, [*args, *IMAGES, "--set", "cluster.image=ghcr.io/userloop/trainer:0.2.0"])
+    assert other_tag.exit_code == 2 and "cluster.image: ghcr.io/userloop/trainer:0.2.0 is a placeholder" in (
+        other_tag.stderr
+    )
+
+
+def test_submit_dry_run_with_published_images_passes() -> None:
+    result = runner.invoke(app, ["submit", CONFIG, "--dry-run", *IMAGES])
+    assert result.exit_code == 0, result.output
+    assert "registry.example.com/team/userloop-trainer:0.1.0" in result.stdout
+
+
+def test_the_sidecar_image_matters_only_with_a_sidecar() -> None:
+    no_sidecar = [
+        "--set",
+        "cluster.rollout_gpus_per_node=0",
+        "--set",
+        "rollout.sglang.url=http://sglang:30000",
+    ]
+    result = runner.invoke(app, ["submit", CONFIG, "--dry-run", *IMAGES[:2], *no_sidecar])
+    assert result.exit_code == 0, result.output
+    assert "sglang_image" not in result.stderr
+
+
+# ----------------------------------------------------------------------------- API keys on Kubernetes
+
+
+def test_render_and_dry_run_need_no_local_key_and_say_where_it_comes_from(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("DASHSCOPE_API_KEY", raising=False)
+    config = str(REPO / "configs" / "intentiongym.yaml")
+    info = (
+        "info: user_simulator.api_key_env, judge.api_key_env: in the pod DASHSCOPE_API_KEY comes from key api-key "
+        "of the Secret dashscope-api-key (namespace default; `launcher doctor CONFIG` checks it exists), not from "
+        "this machine"
+    )
+    for args in (["render", config], ["submit", config, "--dry-run", *IMAGES]):
+        result = runner.invoke(app, args)
+        assert result.exit_code == 0, result.output
+        assert info in result.stderr.splitlines(), result.stderr

@@ -108,11 +108,14 @@ def test_should_run_the_trainer_as_container_pytorch_with_torchrun() -> None:
     for spec in _pods(rendered).values():
         (trainer,) = spec["containers"]
         assert trainer["name"] == "pytorch"
-        assert trainer["command"] == ["torchrun"]
+        assert trainer["command"] == ["python", "-m", "trainer.torchrun"]
         assert trainer["args"] == ["-m", "trainer", "--config", "/etc/userloop/config.yaml"]
         env = {e["name"]: e for e in trainer["env"]}
         assert env["LITELLM_LOCAL_MODEL_COST_MAP"]["value"] == "True"
         assert env["USERLOOP_SGLANG_URL"]["value"] == "http://127.0.0.1:30000"
+        # torchrun must not SIGKILL the workers before their SIGTERM checkpoint is written.
+        grace = int(env["TORCH_ELASTIC_SHUTDOWN_TIMEOUT"]["value"])
+        assert grace == cfg.cluster.termination_grace_period_seconds > cfg.checkpoint.grace_s
     assert rendered.job["spec"]["nprocPerNode"] == "6"
 
 
@@ -125,7 +128,9 @@ def test_should_run_sglang_as_a_native_sidecar_with_a_startup_probe() -> None:
         probe = sidecar["startupProbe"]
         assert probe["httpGet"]["path"] == "/health_generate"
         assert probe["periodSeconds"] * probe["failureThreshold"] >= 600
-        assert sidecar["readinessProbe"]["httpGet"]["path"] == "/health"
+        # Never /health: SGLang's runs a generation, which waits behind a weight reload (test_sglang_contract.py).
+        assert sidecar["readinessProbe"]["httpGet"]["path"] == "/model_info"
+        assert sidecar["livenessProbe"]["httpGet"]["path"] == "/model_info"
         args = sidecar["args"]
         assert args[args.index("--tp-size") + 1] == "2"
         assert args[args.index("--model-path") + 1] == "Qwen/Qwen3-0.6B"
@@ -134,6 +139,9 @@ def test_should_run_sglang_as_a_native_sidecar_with_a_startup_probe() -> None:
         assert args[args.index("--max-lora-rank") + 1] == "32"
         i = args.index("--lora-target-modules")
         assert args[i + 1 : i + 3] == ["q_proj", "v_proj"]
+        # SGLang refuses max_loaded_loras below max_loras_per_batch (default 8): both are given.
+        assert args[args.index("--max-loaded-loras") + 1] == "2"
+        assert args[args.index("--max-loras-per-batch") + 1] == "2"
 
 
 def test_should_pass_no_lora_flags_when_lora_is_off() -> None:

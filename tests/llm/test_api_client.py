@@ -80,6 +80,18 @@ def test_retries_recover_from_every_transient_fault(
     assert res.attempts == 6 and res.retries == 5
     kinds = [line.split(" ", 1)[0].rstrip(":") for line in res.errors_seen]
     assert kinds == ["rate_limit", "server", "malformed", "connection", "timeout"]
+    # The server's own error bodies, and for failures below HTTP the cause with no status (litellm calls them
+    # all 500, or 408): what the exception objects carry, not a library's wording of them (issue 12).
+    address = f"127.0.0.1:{proxy.port}"
+    assert res.errors_seen == [
+        'rate_limit 429: {"error": {"message": "rate limit exceeded (injected)", "type": "rate_limit_error", '
+        '"code": 429}}',
+        'server 500: {"error": {"message": "internal error (injected)", "type": "server_error", "code": 500}}',
+        "malformed: the reply is not valid JSON (Expecting property name enclosed in double quotes: line 1 "
+        "column 55 (char 54))",
+        f"connection: {address} closed the connection without a reply",
+        f"timeout: no reply from {address} within 1 s",
+    ]
     assert client.stats.snapshot()["api/retries"] == 5
     assert proxy.stats()["faults"] == {
         "rate_limit": 1,
@@ -127,6 +139,10 @@ def test_client_errors_are_not_retried(
     res = loop.run(client.complete(HI))
     assert not res.ok and res.kind == "bad_request" and res.status == 400 and res.attempts == 1
     assert "pinned" in (res.error or "")
+    # The body exactly as the server sent it (litellm 1.110 no longer puts it in its message).
+    detail = f"Server is pinned to '{server.model}'; requested 'not-the-served-model'."
+    body = json.dumps({"detail": detail}, separators=(",", ":"))
+    assert res.errors_seen == [f"bad_request 400: {body}"]
 
 
 def test_extra_body_reaches_the_server(
@@ -136,12 +152,22 @@ def test_extra_body_reaches_the_server(
     client = client_for(server, proxy.url + "/v1", extra_body={"enable_thinking": False})
     res = loop.run(client.complete(HI))
     assert not res.ok and res.kind == "bad_request" and "enable_thinking" in (res.error or "")
+    assert res.errors_seen == [
+        'bad_request 422: {"detail":"Unexpected fields in the request: {\'enable_thinking\'}"}'
+    ]
 
 
 def test_refused_connection_is_classified(server: TransformersServer, loop: LoopThread) -> None:
-    client = client_for(server, f"http://127.0.0.1:{free_port()}/v1", retries=1)
+    port = free_port()
+    client = client_for(server, f"http://127.0.0.1:{port}/v1", retries=1)
     res = loop.run(client.complete(HI))
     assert not res.ok and res.kind == "connection" and res.attempts == 2
+    # The cause, read from the exception's cause chain; no status (litellm reports it as a 500).
+    assert res.status is None
+    assert res.errors_seen == [f"connection: connection refused: 127.0.0.1:{port}"] * 2
+    assert res.error is not None and res.error.endswith(
+        f"connection refused: 127.0.0.1:{port} (after 2 attempts)"
+    )
 
 
 def test_max_concurrency_queues_and_is_never_exceeded(

@@ -20,7 +20,7 @@ import pytest
 
 from trainer.envs.intentiongym_sample import write_sample
 from trainer.testing.fault_proxy import FaultProxy
-from trainer.testing.serve import TransformersServer
+from trainer.testing.serve import TransformersServer, free_port
 
 REPO = Path(__file__).resolve().parents[2]
 JUDGE = '[{type: llm_judge, rubric: "Did the assistant ask good questions? {conversation}", weight: 1.0}]'
@@ -33,6 +33,9 @@ def overrides(tmp_path: Path, tiny_model: Path, server: TransformersServer, prox
     return [
         f"output_dir={tmp_path / 'run'}",
         f"model.path={tiny_model}",
+        # The config's laptop profile (its header): the in-process engine, no GPU kept for an SGLang sidecar.
+        "rollout.engine=hf",
+        "cluster.rollout_gpus_per_node=0",
         "model.gradient_checkpointing=false",
         "algorithm.batch_size=2",
         "algorithm.group_size=2",
@@ -87,8 +90,11 @@ def test_launcher_runs_intentiongym_against_a_real_server(
         assert r["api/latency_p50_s"] > 0 and "time/engine_idle_s" in r
     last = rows[-1]
     assert f"invalid 4 (100%) api {last['api/calls']:.0f} calls" in out.stdout
-    # Every call reached the real server through the proxy (retries of empty user replies included).
-    assert proxy.stats()["forwarded"] == last["api/calls"] + last["api/retries"]
+    # Every call reached the real server through the proxy (retries of empty user replies included), after the
+    # start-up check's one GET /models for the two roles (which share the endpoint).
+    stats = proxy.stats()
+    assert stats["models_requests"] == 1
+    assert stats["forwarded"] == last["api/calls"] + last["api/retries"] + 1
     conversation = json.loads((tmp_path / "run" / "logs" / "episodes.jsonl").read_text().splitlines()[0])
     assert conversation["invalid"] and "judge" in conversation["invalid"], conversation
 
@@ -134,3 +140,42 @@ def test_spent_budget_checkpoints_and_stops_gracefully(
     assert (tmp_path / "run" / "checkpoints" / "step_1" / "manifest.json").is_file()
     log = (tmp_path / "run" / "logs" / "train.log").read_text()
     assert f"API budget exceeded (judge (openai/{server.model} at {proxy.url}/v1)" in log
+
+
+def test_a_dead_endpoint_stops_the_run_before_its_first_step(
+    tmp_path: Path, tiny_model: Path, server: TransformersServer, proxy: FaultProxy
+) -> None:
+    """The tiny policy never calls the tool that reaches the user simulator and, with no ``llm_judge`` reward,
+    nothing else calls the API: a dead ``api_base`` went unnoticed (0 calls, reward 0, exit 0; issue 12)."""
+    port = free_port()
+    dead = f"http://127.0.0.1:{port}/v1"
+    args = [*overrides(tmp_path, tiny_model, server, proxy), "rewards=[]"]
+    args += [f"user_simulator.api_base={dead}", f"judge.api_base={dead}"]
+    out = launcher_run(args)
+    assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
+    assert (
+        f"Error: user_simulator.api_base, judge.api_base: cannot reach {dead}: connection refused: "
+        f"127.0.0.1:{port} (GET {dead}/models)"
+    ) in out.stderr
+    assert f"Hint: check that the server at {dead} runs" in out.stderr and "Traceback" not in out.stderr
+    metrics = tmp_path / "run" / "logs" / "metrics.jsonl"
+    assert not metrics.exists() or not metrics.read_text().strip()  # no step ran
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_launcher_eval_checks_the_endpoints_too(
+    tmp_path: Path, tiny_model: Path, server: TransformersServer, proxy: FaultProxy
+) -> None:
+    dead = f"http://127.0.0.1:{free_port()}/v1"
+    args = [*overrides(tmp_path, tiny_model, server, proxy), f"user_simulator.api_base={dead}"]
+    cmd = [sys.executable, "-m", "launcher", "eval", str(REPO / "configs" / "intentiongym.yaml"),
+           "--checkpoint", str(tiny_model), "--max-samples", "1"]  # fmt: skip
+    for a in args:
+        cmd += ["--set", a]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert out.returncode == 2, out.stdout[-3000:] + out.stderr[-3000:]
+    result = json.loads(out.stdout)
+    assert result["status"] == "error"
+    # Only the dead one: the judge's endpoint (the proxy) answers.
+    assert result["message"].startswith(f"user_simulator.api_base: cannot reach {dead}: connection refused")
+    assert proxy.stats()["models_requests"] == 1

@@ -123,12 +123,28 @@ def test_llm_judge_reward(server: TransformersServer, proxy: FaultProxy, loop: L
     good = LlmJudge(cfg, ScriptedClient(['{"score": 7.5}']))
     s = loop.run(good.score(convo))
     assert s.value == pytest.approx(0.75) and s.raw == 7.5 and s.invalid is None
+    assert s.record() == {
+        "score": 7.5,
+        "value": pytest.approx(0.75),
+        "invalid": None,
+        "reply": '{"score": 7.5}',
+    }
     prompt = good.client.calls[0][1]["content"]  # type: ignore[attr-defined]
     assert prompt == "Rate this answer:\n4\nto 2+2?"
     judge = JudgeConfig(model=server.model, api_base=proxy.url + "/v1", cache=False, max_tokens=8)
     real = LlmJudge(cfg, make_client(judge, "judge"))
     s = loop.run(real.score(convo))
     assert s.value is None and s.invalid and "parse" in s.invalid  # never a fallback score
+    assert s.record()["invalid"] == s.invalid and s.record()["score"] is None
+
+
+def test_llm_judge_verdict_keeps_an_excerpt_of_the_reply(loop: LoopThread) -> None:
+    """episodes.jsonl shows why a verdict did not parse: the judge's own words, cut at 300 characters."""
+    cfg = LlmJudgeReward(type="llm_judge", rubric="Rate {completion}", max_score=10)
+    rambling = "I would say this is quite good, maybe a seven. " * 20
+    s = loop.run(LlmJudge(cfg, ScriptedClient([rambling])).score([{"role": "assistant", "content": "4"}]))
+    assert s.invalid and s.value is None
+    assert s.reply == rambling[:300] + "..." and s.record()["reply"] == s.reply
 
 
 @pytest.mark.parametrize(

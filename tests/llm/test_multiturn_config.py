@@ -48,7 +48,8 @@ def test_inline_key_is_rejected(key: str) -> None:
         (UserSimulatorConfig, {"backend": "api"}, "model is not set"),
         (UserSimulatorConfig, {"backend": "local"}, "path is not set"),
         (UserSimulatorConfig, {"model": "m", "budget": 5}, "prices are 0"),
-        (UserSimulatorConfig, {"model": "m", "api_key_env": "not a name"}, "pattern"),
+        # The value is never quoted (it is often the key itself): the message says what is wanted instead.
+        (UserSimulatorConfig, {"model": "m", "api_key_env": "not a name"}, "is not a variable name"),
         (UserSimulatorConfig, {"model": "m", "max_concurrency": 0}, "greater than or equal to 1"),
         (UserSimulatorConfig, {"model": "m", "unknown": 1}, "Extra inputs"),
         (EnvironmentConfig, {"name": "intentiongym"}, "intentions is not set"),

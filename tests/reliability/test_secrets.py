@@ -97,7 +97,9 @@ def test_the_api_key_never_leaves_the_environment(
          str(render_dir)], env,
     )  # fmt: skip
     assert render.returncode == 0, render.stderr.decode(errors="replace")
-    dry = _launcher(["submit", "--dry-run", str(CONFIG), *_sets(overrides)], env)
+    # submit (--dry-run too) refuses the default images, placeholders nobody publishes.
+    images = ["cluster.image=registry.example.com/team/userloop-trainer:0.1.0"]
+    dry = _launcher(["submit", "--dry-run", str(CONFIG), *_sets(overrides), *_sets(images)], env)
     assert dry.returncode == 0, dry.stderr.decode(errors="replace")
 
     # The key was really used: every request carried it, and the upstream saw it as a Bearer token.

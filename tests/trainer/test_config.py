@@ -145,3 +145,40 @@ def test_readme_config_reference_is_current() -> None:
 
     readme = (REPO / "README.md").read_text(encoding="utf-8")
     assert embed(readme) == readme, "README's config reference is stale: run `make docs`"
+
+
+def test_cli_validate_intentiongym_without_data_names_where_it_comes_from(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import subprocess
+    import sys
+
+    monkeypatch.chdir(tmp_path)
+    config = str(REPO / "configs" / "intentiongym.yaml")
+    result = runner.invoke(app, ["validate", config])
+    assert result.exit_code == 2
+    assert "data.train.path: 'data/intention_multiturn/train.parquet': file not found" in result.stderr
+    (hint,) = [line for line in result.stderr.splitlines() if line.startswith("Hint: ")]
+    assert "UserRL's release (github.com/SalesforceAIResearch/UserRL)" in hint, hint
+    assert "`python -m trainer.envs.intentiongym_sample --out data`" in hint, hint
+    # The command the hint names writes exactly the files the config expects.
+    subprocess.run([sys.executable, "-m", "trainer.envs.intentiongym_sample", "--out", "data"],
+                   cwd=tmp_path, check=True, capture_output=True, timeout=120)  # fmt: skip
+    assert runner.invoke(app, ["validate", config]).exit_code == 0
+
+
+def test_the_sample_hint_follows_the_configured_folder(tmp_path: Path) -> None:
+    where = tmp_path / "ig"
+    sets = [f"data.train.path={where}/intention_multiturn/train.parquet",
+            f"data.val.path={where}/intention_multiturn/test.parquet",
+            f"environment.intentions={where}/intentiongym/all_intentions_train.json",
+            f"environment.val_intentions={where}/intentiongym/all_intentions_test.json"]  # fmt: skip
+    args = ["validate", str(REPO / "configs" / "intentiongym.yaml"), *[x for s in sets for x in ("--set", s)]]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2
+    assert f"`python -m trainer.envs.intentiongym_sample --out {where}`" in result.stderr
+    # Paths that do not follow the sample's layout: the hint says which paths to point where.
+    result = runner.invoke(app, [*args, "--set", f"data.val.path={where}/elsewhere.parquet"])
+    assert "--out DIR` (then point data.*.path and environment.*intentions at DIR/" in result.stderr, (
+        result.stderr
+    )

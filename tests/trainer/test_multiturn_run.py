@@ -14,6 +14,7 @@ import pytest
 
 from trainer import api
 from trainer.config import load_config
+from trainer.envs.base import aggregate
 from trainer.envs.intentiongym_sample import write_sample
 from trainer.errors import UserError
 
@@ -25,6 +26,9 @@ def local_overrides(tmp_path: Path, tiny_model: Path) -> list[str]:
     return [
         f"output_dir={tmp_path / 'run'}",
         f"model.path={tiny_model}",
+        # The config's laptop profile (its header): the in-process engine, no GPU kept for an SGLang sidecar.
+        "rollout.engine=hf",
+        "cluster.rollout_gpus_per_node=0",
         "model.gradient_checkpointing=false",
         "algorithm.lr=1e-3",
         "algorithm.batch_size=2",
@@ -67,8 +71,20 @@ def test_intentiongym_with_local_user_and_rule_judge(tmp_path: Path, tiny_model:
     ]
     assert [s["step"] for s in samples] == [1, 1, 2, 2]  # two conversations per step, to read
     assert [m["role"] for m in samples[0]["messages"][:3]] == ["system", "user", "assistant"]
+    for s in samples:  # each turn's reward and verdict; they make the episode's reward as configured
+        assert s["env"]["score"] == "mean" and len(s["turn_log"]) == s["turns"] and s["judges"] == {}
+        scored = [t["reward"] for t in s["turn_log"] if t["reward"] is not None]
+        assert aggregate(scored, "mean") == pytest.approx(s["reward"]) == s["parts"]["intentiongym"]
+        for t in s[
+            "turn_log"
+        ]:  # the random model rarely writes a tool call: its text ends the episode unscored
+            assert t.get("ended_by_agent") or t.get("malformed") or t["judge"]["backend"] == "rule"
+        agent = [m for m in s["messages"] if m["role"] == "assistant"]
+        assert all(m["from"] == "agent" for m in agent) and len(agent) == s["turns"]
+        assert all("seen_as" in m for m in s["messages"] if m["from"] in ("user_simulator", "environment"))
     log = (tmp_path / "run" / "logs" / "train.log").read_text()
     assert "step 2/2" in log and "invalid 0" in log
+    assert "local user " in log and " api " not in log  # the local user simulator is no API
     # `launcher eval` plays the same episodes as the run's own evaluation (one per validation task).
     result = api.evaluate(cfg, tmp_path / "run" / "checkpoints" / "step_2")
     assert result.status == "success" and result.samples == 2 and result.accuracy is None

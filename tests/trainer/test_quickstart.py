@@ -61,11 +61,26 @@ def test_quickstart_learns_multi_turn_and_checkpoints(
     assert (
         roles[:3] == ["system", "user", "assistant"] and "tool" in roles
     )  # the user's replies are in the context
+    records = [json.loads(line) for line in
+               (cwd / "runs" / "quickstart" / "logs" / "episodes.jsonl").read_text().splitlines()]  # fmt: skip
+    for rec in records:  # what each turn scored: the episode's reward is their mean (environment.score: mean)
+        scored = [t["reward"] for t in rec["turn_log"] if t["reward"] is not None]
+        assert rec["env"]["score"] == "mean" and sum(scored) / len(scored) == pytest.approx(rec["reward"])
+        replies = [m for m in rec["messages"] if m["role"] == "tool"]
+        assert all(m["from"] in ("user_simulator", "environment") and "seen_as" in m for m in replies)
+    hits = [t for rec in records for t in rec["turn_log"] if t["reward"]]
+    assert hits and all(t["judge"]["matched"] and t["covered"] for t in hits)  # which detail, and why
+    assert any(t.get("already_covered") for rec in records for t in rec["turn_log"])  # why a 0
+    assert sorted(p.name for p in (cwd / "runs" / "quickstart" / "plots").iterdir()) == [
+        "api_health.png", "losses.png", "lr.png", "reward.png", "signals.png", "training_metrics.png"]  # fmt: skip
     step_dir = cwd / "runs" / "quickstart" / "checkpoints" / f"step_{STEPS}"
     assert {"policy", "training_state.pt", "config.yaml"} <= {p.name for p in step_dir.iterdir()}
     # One plain line per step for `kubectl logs`: no carriage returns, no progress bars.
     assert "\r" not in proc.stdout + proc.stderr
     assert sum(line.startswith("step ") for line in proc.stdout.splitlines()) == STEPS
+    # The same tiny model plays the user in this process: its generations are not API calls.
+    assert all(" local user " in line and " api " not in line for line in proc.stdout.splitlines()
+               if line.startswith("step "))  # fmt: skip
 
 
 def test_launcher_eval_plays_episodes_on_a_checkpoint(

@@ -15,11 +15,12 @@ import pytest
 from trainer.config import parse_config
 from trainer.data import load_dataset
 from trainer.engines.base import Completion, SamplingParams
+from trainer.envs.base import aggregate
 from trainer.envs.intentiongym_sample import write_sample
 from trainer.grpo import collate, group_advantages
 from trainer.model import load_tokenizer
 from trainer.prompts import encode_chat
-from trainer.rollout import EpisodeRunner
+from trainer.rollout import EpisodeRunner, write_samples
 from trainer.testing.scripted import ScriptedClient
 
 QUESTIONS = [
@@ -180,6 +181,12 @@ def test_llm_judge_reward_adds_to_single_turn_rewards_and_can_invalidate(sample,
         runner.close()
     assert good.reward == pytest.approx(1.0 + 0.5 * 0.8) and good.parts == {"format": 1.0, "llm_judge": 0.8}
     assert bad.reward is None and bad.invalid and bad.invalid.startswith("llm_judge: judge (scripted)")
+    # What episodes.jsonl shows of each verdict: the parsed score, and the reply it came from.
+    assert good.judges == {
+        "llm_judge": {"score": 8.0, "value": 0.8, "invalid": None, "reply": '{"score": 8}'}
+    }
+    assert bad.judges["llm_judge"]["reply"] == "no idea" and bad.judges["llm_judge"]["value"] is None
+    assert bad.judges["llm_judge"]["invalid"] == bad.invalid.removeprefix("llm_judge: ")
 
 
 @pytest.mark.parametrize(
@@ -252,3 +259,67 @@ def test_api_counters_continue_from_the_last_logged_step(sample, tiny_model) -> 
         runner.close()
     snap = user.stats.snapshot()
     assert snap["api/calls"] == 40 and snap["api/cost"] == 1.5
+
+
+@pytest.mark.parametrize(("score", "expected"), [("mean", 0.85), ("sum", 1.7)])
+def test_episode_records_show_each_turns_reward_verdict_and_author(sample, tiny_model, tmp_path, score,
+                                                                    expected) -> None:  # fmt: skip
+    """logs/episodes.jsonl: per-turn rewards that aggregate to the episode's score as configured, the judge's
+    verdict per turn, and for each message who wrote it and (observations) what the model was shown."""
+    cfg = make_cfg(sample, tiny_model, score=score)
+    tok = load_tokenizer(tiny_model)
+    user = ScriptedClient(lambda m: "About 500 dollars.", role="user_simulator")
+    runner = EpisodeRunner(cfg, ScriptedEngine(tok), tok, [], "unused", clients={"user_simulator": user})
+    try:
+        trajectories = runner.rollout(rows_of(cfg, [0]), 2, PARAMS)
+        metrics = runner.step_metrics(trajectories)
+    finally:
+        runner.close()
+    assert metrics["local/user_simulator"] == 1.0  # user_simulator.backend: local, for the step line
+    write_samples(tmp_path / "episodes.jsonl", 3, trajectories)
+    records = [json.loads(line) for line in (tmp_path / "episodes.jsonl").read_text().splitlines()]
+    assert len(records) == 2
+    for rec in records:
+        assert {"step", "reward", "invalid", "turns", "parts", "messages"} <= set(rec)  # the keys kept
+        assert rec["env"] == {"name": "intentiongym", "score": score, "id": rec["env"]["id"], "covered": 2,
+                              "details": 4}  # fmt: skip
+        log = rec["turn_log"]
+        assert [t["turn"] for t in log] == [1, 2] and [t["reward"] for t in log] == pytest.approx([0.7, 1.0])
+        scored = [t["reward"] for t in log if t["reward"] is not None]
+        assert aggregate(scored, rec["env"]["score"]) == pytest.approx(rec["parts"]["intentiongym"])
+        assert rec["reward"] == pytest.approx(expected) == rec["parts"]["intentiongym"]
+        assert sum(t["credit"] for t in log) == pytest.approx(expected if score == "sum" else 1.7)
+        assert [t["question"] for t in log] == QUESTIONS[:2]
+        assert [t["covered"] for t in log] == [["Budget for the trip"], ["Travel dates"]]
+        assert all(t["judge"]["backend"] == "rule" and t["judge"]["matched"] for t in log)
+        assert rec["judges"] == {}
+        messages = rec["messages"]
+        assert [(m["role"], m["from"]) for m in messages] == [
+            ("system", "prompt"), ("user", "prompt"), ("assistant", "agent"), ("tool", "user_simulator"),
+            ("assistant", "agent")]  # fmt: skip
+        # The tiny model's template renders a tool message as its own turn; Qwen3's wraps it in a user turn.
+        seen = "\n<|im_start|>tool\nAbout 500 dollars.<|im_end|>\n<|im_start|>assistant\n"
+        assert messages[3]["seen_as"] == seen
+        assert all("seen_as" not in m for i, m in enumerate(messages) if i != 3)
+
+
+def test_episode_records_show_a_tool_reply_as_the_qwen3_template_renders_it(
+    sample, tiny_model, tmp_path
+) -> None:
+    """The record's role is what the chat template got ("tool"); seen_as is what the model read: a user turn."""
+    cfg = make_cfg(sample, tiny_model, text_action="ask")
+    tok = load_tokenizer(tiny_model)
+    tok.chat_template = QWEN3_LIKE
+    user = ScriptedClient(lambda m: "About 500 dollars.", role="user_simulator")
+    runner = EpisodeRunner(cfg, ScriptedEngine(tok), tok, [], "unused", clients={"user_simulator": user})
+    try:
+        trajectories = runner.rollout(rows_of(cfg, [0]), 1, PARAMS)
+    finally:
+        runner.close()
+    write_samples(tmp_path / "episodes.jsonl", 1, trajectories)
+    reply = json.loads((tmp_path / "episodes.jsonl").read_text())["messages"][3]
+    assert reply["role"] == "tool" and reply["from"] == "user_simulator"
+    assert (
+        "<|im_start|>user\n<tool_response>\nAbout 500 dollars.\n</tool_response><|im_end|>"
+        in reply["seen_as"]
+    )

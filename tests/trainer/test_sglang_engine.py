@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import socket
@@ -74,7 +75,7 @@ def _prompts(tok, n: int) -> list[list[int]]:
         ({"rollout__sglang": {"sync": "lora"}},
          "rollout.sglang.sync is lora but model.lora.enabled is false"),
         ({"cluster__gpus_per_node": 2, "cluster__rollout_gpus_per_node": 1},
-         "cluster.rollout_gpus_per_node: 1 gives GPUs to an SGLang sidecar but rollout.engine is hf"),
+         r"rollout_gpus_per_node: 1 gives GPUs to a rollout sidecar \(SGLang or vLLM\) but rollout.engine is hf"),
         ({"rollout__engine": "sglang", "model__lora": LORA, "cluster__sglang__max_loaded_loras": 1},
          "cluster.sglang.max_loaded_loras: 1 is too few for LoRA hand-overs"),
         ({"rollout__engine": "sglang", "rollout__sglang": {"launch": True, "url": "http://127.0.0.1"}},
@@ -151,6 +152,31 @@ def test_unreachable_server_is_a_clear_error(make_config, tmp_path) -> None:
         _engine(cfg)
 
 
+def test_waiting_for_the_server_is_reported_every_interval_by_the_process_that_hands_over(
+    make_config, tmp_path, capsys
+) -> None:
+    """Up to startup_timeout_s (600 s) of silence looked like a hang in `kubectl logs` (issue 12)."""
+    url = f"http://127.0.0.1:{free_port()}"
+    cfg = _config(make_config, tmp_path, url, sglang={"startup_timeout_s": 1.6})
+    engine = SGLangEngine(cfg, None, None, [])
+    other = SGLangEngine(cfg, None, None, [], hands_over=False)  # another rank of the node: the same server
+    try:
+        with pytest.raises(UserError, match="did not become ready"):
+            engine.wait_ready(poll_s=0.1, report_s=0.5)
+        lines = capsys.readouterr().out.splitlines()
+        assert 2 <= len(lines) <= 4, lines
+        pattern = (
+            rf"waiting for SGLang at {re.escape(url)} \(\d+s of 1\.6s\): ConnectError: .*onnection refused.*"
+        )
+        assert all(re.fullmatch(pattern, line) for line in lines), lines
+        with pytest.raises(UserError, match="did not become ready"):
+            other.wait_ready(poll_s=0.1, report_s=0.5)
+        assert capsys.readouterr().out == ""
+    finally:
+        engine.close()
+        other.close()
+
+
 def test_generate_round_trip_tokens_logprobs_and_stop_tokens(server, make_config, tmp_path) -> None:
     cfg = _config(make_config, tmp_path, server.url)
     engine, model, tok = _engine(cfg)
@@ -213,7 +239,7 @@ def test_disk_sync_really_changes_the_servers_outputs(server, make_config, tmp_p
     after = engine.generate(_prompts(tok, 3), 1, greedy)
     assert all(g[0].completion_ids == [target] * 3 for g in after)
     assert before != after
-    assert httpx.get(server.url + "/get_weight_version").json() == {"weight_version": "v7"}
+    assert httpx.get(server.url + "/model_info").json()["weight_version"] == "v7"
     assert [p.name for p in (tmp_path / "weights").iterdir()] == ["policy-n0-v7.a1"]  # older copies deleted
 
 
@@ -277,7 +303,7 @@ def test_lora_sync_loads_a_new_adapter_each_step_and_unloads_the_old(server, mak
     assert torch.allclose(mine, torch.tensor(c.logprobs), atol=1e-4)
     # An adapter the server does not have is SGLang's 400, surfaced with its message.
     engine.lora_name = "policy-v99"
-    with pytest.raises(SGLangError, match="not loaded"):
+    with pytest.raises(SGLangError, match="never been loaded"):
         engine.generate(_prompts(tok, 1), 1, greedy)
 
 
@@ -379,25 +405,43 @@ def test_nodes_sharing_a_server_and_a_weights_dir_never_clobber_each_other(serve
         httpx.post(server.url + "/unload_lora_adapter", json={"lora_name": name})
 
 
-def test_a_reset_generate_is_retried_with_the_same_rid(server, make_config, tmp_path) -> None:
+def test_a_reset_generate_is_retried_under_a_fresh_rid(server, make_config, tmp_path) -> None:
+    """SGLang still tracks a request whose connection was reset (for seconds) and refuses its id again with a
+    400 "Duplicate request ID": a retry under the same id turned a reset into a fatal error. Each attempt has
+    its own id, and the previous one is aborted first."""
     cfg = _config(make_config, tmp_path, server.url)
     engine, _, tok = _engine(cfg)
     _stats(server, reset=True)
     httpx.post(server.url + "/_double/drop_generates", json={"n": 2})
     (c,), = engine.generate(_prompts(tok, 1), 1, SamplingParams(max_new_tokens=3))  # fmt: skip
-    rids = _stats(server)["rids"]
-    assert c.completion_ids and len(rids) == 3 and len(set(rids)) == 1, rids
+    stats = _stats(server)
+    rid = stats["rids"][0]
+    assert c.completion_ids and stats["rids"] == [rid, f"{rid}.2", f"{rid}.3"], stats
+    assert stats["aborted"] == [rid, f"{rid}.2"], stats
     httpx.post(server.url + "/_double/drop_generates", json={"n": 3})
     with pytest.raises(SGLangError, match="/generate failed 3 times"):
         engine.generate(_prompts(tok, 1), 1, SamplingParams(max_new_tokens=3))
-    # A request that times out is aborted on the server (its rid freed), then sent again with that rid.
+    # A request that times out is aborted on the server too, then sent again under a new id.
     slow = _config(make_config, tmp_path, server.url, sglang={"timeout_s": 1.5})
     engine, _, tok = _engine(slow)
     _stats(server, reset=True)
     httpx.post(server.url + "/_double/slow_generates", json={"n": 1, "s": 4})
     (c,), = engine.generate(_prompts(tok, 1), 1, SamplingParams(max_new_tokens=3))  # fmt: skip
     stats = _stats(server)
-    assert c.completion_ids and len(set(stats["rids"])) == 1 and stats["aborted"] == stats["rids"][:1], stats
+    rid = stats["rids"][0]
+    assert c.completion_ids and stats["rids"] == [rid, f"{rid}.2"] and stats["aborted"] == [rid], stats
+
+
+def test_the_double_refuses_a_rid_it_still_tracks_as_sglang_does(server) -> None:
+    """The rule behind the test above (SGLang 0.5.19 ``tokenizer_manager._init_req_state``)."""
+    body = {"input_ids": [1, 2], "sampling_params": {"max_new_tokens": 2}, "rid": "dup-1"}
+    httpx.post(server.url + "/_double/drop_generates", json={"n": 1})
+    with pytest.raises(httpx.TransportError):
+        httpx.post(server.url + "/generate", json=body, timeout=10)
+    r = httpx.post(server.url + "/generate", json=body, timeout=10)  # the reset request is still tracked
+    assert r.status_code == 400 and "Duplicate request ID detected: dup-1" in r.text, r.text
+    httpx.post(server.url + "/abort_request", json={"rid": "dup-1"})  # frees it, as SGLang's abort does
+    assert httpx.post(server.url + "/generate", json=body, timeout=30).status_code == 200
 
 
 def test_logprobs_are_compared_only_for_untruncated_sampling(

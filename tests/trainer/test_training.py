@@ -48,7 +48,7 @@ def test_grpo_reward_rises_full_finetune(make_config) -> None:
     AutoModelForCausalLM.from_pretrained(ckpt / "policy")
     AutoTokenizer.from_pretrained(ckpt / "policy")
     assert sorted(p.name for p in (Path(cfg.output_dir) / "plots").iterdir()) == [
-        "entropy.png", "losses.png", "lr.png", "reward.png", "training_metrics.png"]  # fmt: skip
+        "losses.png", "lr.png", "reward.png", "signals.png", "training_metrics.png"]  # fmt: skip
 
 
 def test_grpo_with_lora_kl_and_entropy_saves_an_adapter(make_config) -> None:

@@ -18,6 +18,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from trainer.config.api_keys import hide_keys, unset_api_keys
 from trainer.config.schema import RunConfig
 from trainer.errors import UserError
 
@@ -25,7 +26,17 @@ __all__ = ["ConfigError", "RunConfig", "load_config", "parse_config", "check_pat
 
 
 class ConfigError(UserError):
-    """A config that cannot be used; each problem names the field path, the bad value and what is allowed."""
+    """A config that cannot be used; each problem names the field path, the bad value and what is allowed.
+
+    Values are quoted, and a value may be an API key that ``${VAR}`` pulled in: keys are hidden."""
+
+    def __init__(self, source: str, problems: list[str] | str, hint: str | None = None):
+        problems = [problems] if isinstance(problems, str) else problems
+        super().__init__(
+            hide_keys(source),
+            [hide_keys(p) for p in problems],
+            hint=None if hint is None else hide_keys(hint),
+        )
 
 
 _ENV = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
@@ -91,8 +102,11 @@ def dump_config(cfg: RunConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json", exclude_none=True), sort_keys=False)
 
 
-def check_paths(cfg: RunConfig) -> None:
-    """Fail early on input files that do not exist and will not be created."""
+def check_paths(cfg: RunConfig, api_keys: bool = True) -> None:
+    """Fail early on what a run needs from this machine and will not create: input files, and (``api_keys``)
+    the environment variables ``api_key_env`` names. ``launcher validate`` passes ``api_keys=False`` and only
+    warns (``unset_api_keys``): the config may be meant for ``launcher submit``, whose pod gets the key from
+    the cluster's Secret."""
     problems = []
     if (
         cfg.model.create_if_missing is None
@@ -103,11 +117,13 @@ def check_paths(cfg: RunConfig) -> None:
     critic = cfg.algorithm.critic_path
     if critic is not None and not _looks_like_hub_id(critic) and not (Path(critic) / "config.json").is_file():
         problems.append(f"algorithm.critic_path: {critic!r}: not a model directory (no config.json)")
+    missing_data = False
     if cfg.data.generate is None:
         for split in ("train", "val"):
             ds = getattr(cfg.data, split)
             if ds is not None and not Path(ds.path).is_file():
                 problems.append(f"data.{split}.path: {ds.path!r}: file not found")
+                missing_data = True
     # The seat-booking task writes the intention JSON too, when the run starts.
     generated = cfg.data.generate is not None and cfg.data.generate.task == "seat-booking"
     for field in ("intentions", "val_intentions"):
@@ -115,6 +131,7 @@ def check_paths(cfg: RunConfig) -> None:
         missing = path is not None and not generated and not Path(path).is_file()
         if missing and cfg.environment.name == "intentiongym":
             problems.append(f"environment.{field}: {path!r}: file not found")
+            missing_data = True
     for role in ("user_simulator", "judge"):
         section = getattr(cfg, role)
         if section is None or section.backend != "local":
@@ -126,10 +143,57 @@ def check_paths(cfg: RunConfig) -> None:
         problems.append(
             f"checkpoint.resume: {cfg.checkpoint.resume!r}: not auto, never, or an existing checkpoint directory"
         )
+    hints = []
     if problems:
-        raise ConfigError(
-            "config", problems, hint="fix the paths (relative paths are relative to the working directory)"
+        hints.append("fix the paths (relative paths are relative to the working directory)")
+    if missing_data and cfg.environment.name == "intentiongym":
+        hints.append(_intentiongym_data_hint(cfg))
+    keys = unset_api_keys(cfg) if api_keys else {}
+    if keys:
+        problems += [f"{field}: {problem}" for field, problem in keys.items()]
+        names = dict.fromkeys(getattr(cfg, f.split(".")[0]).api_key_env for f in keys)
+        hints.append(f"export {' and '.join(f'{n}=...' for n in names)} before starting the run")
+    if problems:
+        raise ConfigError("config", problems, hint="; ".join(hints))
+
+
+# Where UserRL's files sit below the folder `python -m trainer.envs.intentiongym_sample --out DIR` writes.
+_SAMPLE_LAYOUT = {
+    "data.train.path": "intention_multiturn/train.parquet",
+    "data.val.path": "intention_multiturn/test.parquet",
+    "environment.intentions": "intentiongym/all_intentions_train.json",
+    "environment.val_intentions": "intentiongym/all_intentions_test.json",
+}
+
+
+def _intentiongym_data_hint(cfg: RunConfig) -> str:
+    """Where IntentionGym data comes from, with the sample command for the folder the config reads."""
+    paths = {
+        "data.train.path": cfg.data.train.path if cfg.data.train else None,
+        "data.val.path": cfg.data.val.path if cfg.data.val else None,
+        "environment.intentions": cfg.environment.intentions,
+        "environment.val_intentions": cfg.environment.val_intentions,
+    }
+    roots = set()
+    for field, path in paths.items():
+        if path is None:
+            continue
+        posix, tail = Path(path).as_posix(), _SAMPLE_LAYOUT[field]
+        roots.add("." if posix == tail else posix[: -len(tail) - 1] if posix.endswith("/" + tail) else None)
+    root = roots.pop() if len(roots) == 1 else None
+    if root:
+        sample = f"`python -m trainer.envs.intentiongym_sample --out {root}`"
+    else:
+        sample = (
+            "`python -m trainer.envs.intentiongym_sample --out DIR` (then point data.*.path and "
+            "environment.*intentions at DIR/intention_multiturn/{train,test}.parquet and "
+            "DIR/intentiongym/all_intentions_{train,test}.json)"
         )
+    return (
+        "the real IntentionGym files are in UserRL's release (github.com/SalesforceAIResearch/UserRL): its "
+        "data/intention_multiturn/{train,test}.parquet and data/intentiongym/all_intentions_{train,test}.json; "
+        f"or write a small sample in the same format: {sample}"
+    )
 
 
 def _looks_like_hub_id(path: str) -> bool:
@@ -148,6 +212,18 @@ def _interpolate_env(node: Any, loc: tuple, source: str) -> Any:
     if isinstance(node, list):
         return [_interpolate_env(v, (*loc, i), source) for i, v in enumerate(node)]
     if isinstance(node, str) and "${" in node:
+        ref = _ENV.fullmatch(node.strip())
+        if loc and loc[-1] == "api_key_env" and ref and ref.group(2) is None:
+            # `${VAR}` would put the key itself here (set or not, the intent was the name).
+            name = ref.group(1)
+            raise ConfigError(
+                source,
+                [f"{_dotted(loc)}: `${{{name}}}` would put the key itself in the config: api_key_env wants the "
+                 f"name of the environment variable that holds the key; write `api_key_env: {name}`, not "
+                 f"`${{{name}}}`"],
+                hint=f"export {name}=... (the key stays in the environment; the config is saved in checkpoints, "
+                "ConfigMaps and logs)",
+            )  # fmt: skip
 
         def sub(m: re.Match) -> str:
             name, default = m.group(1), m.group(2)

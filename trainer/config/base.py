@@ -7,9 +7,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 
 class Section(BaseModel):
-    """Base of every config section: unknown keys are errors, never silently ignored."""
+    """Base of every config section: unknown keys are errors, never silently ignored.
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    pydantic's own error text quotes each bad input (``input_value=...``), and an input may be an API key that
+    ``${VAR}`` pulled in: hidden. ``trainer.config`` renders its errors from ``errors()``, with keys hidden."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, hide_input_in_errors=True)
 
 
 class RewardBase(Section):

@@ -19,6 +19,14 @@ from trainer.config.base import Section
 RUN_SUFFIX_LEN = 9
 # Kubernetes versions below this lack native sidecars (init containers with restartPolicy: Always).
 MIN_K8S_MINOR = 29
+# The defaults of cluster.image, .sglang_image and .vllm_image name repositories nobody publishes to: each user
+# builds docker/ and pushes to their own registry (docker/README.md). They stay the defaults so that
+# `launcher render` works on any config; `launcher submit` refuses them (any tag).
+DEFAULT_IMAGE = "ghcr.io/userloop/trainer:0.1.0"
+DEFAULT_SGLANG_IMAGE = "ghcr.io/userloop/sglang:v0.5.19-cu129"
+# docker/vllm.Dockerfile's tag: the release trainer.engines.vllm.VLLM_VERSION names.
+DEFAULT_VLLM_IMAGE = "ghcr.io/userloop/vllm:v0.32.0"
+PLACEHOLDER_REPOSITORIES = ("ghcr.io/userloop/trainer", "ghcr.io/userloop/sglang", "ghcr.io/userloop/vllm")
 
 _DNS1123_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _DNS1123_SUBDOMAIN = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$")
@@ -53,6 +61,13 @@ def quantity(value: str | int | float) -> str:
     if not _QUANTITY.match(text):
         raise ValueError(f"{text!r} is not a Kubernetes quantity (e.g. 8, 500m, 64Gi)")
     return text
+
+
+def _repository(image: str) -> str:
+    """``registry/name`` of ``registry/name:tag@sha256:...``."""
+    image = image.split("@", 1)[0]
+    head, _, tail = image.rpartition(":")
+    return head if head and "/" not in tail else image
 
 
 def pinned_image(value: str) -> str:
@@ -163,8 +178,8 @@ class TrainerResources(Section):
 
 
 class SidecarResources(TrainerResources):
-    cpu: str = Field("4", description="CPU request and limit of the SGLang sidecar.")
-    memory: str = Field("32Gi", description="Memory request and limit of the SGLang sidecar.")
+    cpu: str = Field("4", description="CPU request and limit of the rollout sidecar.")
+    memory: str = Field("32Gi", description="Memory request and limit of the rollout sidecar.")
 
 
 class ResourcesConfig(Section):
@@ -173,6 +188,9 @@ class ResourcesConfig(Section):
     )
     sglang: SidecarResources = Field(
         default_factory=SidecarResources, description="Requests/limits of the `sglang` sidecar."
+    )
+    vllm: SidecarResources = Field(
+        default_factory=SidecarResources, description="Requests/limits of the `vllm` sidecar."
     )
 
 
@@ -192,7 +210,9 @@ class SglangSidecarConfig(Section):
     max_loaded_loras: int = Field(
         2,
         ge=1,
-        description="`--max-loaded-loras` when LoRA is on: the serving adapter plus the next version.",
+        description="`--max-loaded-loras` when LoRA is on: the serving adapter plus the next version. The "
+        "sidecar also gets `--max-loras-per-batch 2` (a batch holds the serving adapter and base-only requests): "
+        "SGLang refuses a per-batch limit above this one, and its default is 8.",
     )
     startup_timeout_s: int = Field(
         600,
@@ -203,6 +223,36 @@ class SglangSidecarConfig(Section):
     extra_args: list[str] = Field(
         default_factory=list,
         description="More `sglang.launch_server` flags, appended as given, e.g. [--context-length, '8192'].",
+    )
+
+
+class VllmSidecarConfig(Section):
+    port: int = Field(
+        8000,
+        ge=1024,
+        le=65535,
+        description="Port of the vLLM server; the trainer reaches it at 127.0.0.1:<port> (env USERLOOP_VLLM_URL).",
+    )
+    gpu_memory_utilization: float = Field(
+        0.85,
+        gt=0,
+        lt=1,
+        description="`--gpu-memory-utilization`: share of the sidecar GPUs' memory for weights + KV cache.",
+    )
+    max_loras: int = Field(
+        2,
+        ge=1,
+        description="`--max-loras` when LoRA is on: adapters in one batch; the serving adapter plus the next version.",
+    )
+    startup_timeout_s: int = Field(
+        600,
+        ge=60,
+        description="How long the startup probe waits for `/health` (vLLM listens once the model is loaded and "
+        "warmed up) before the kubelet restarts the sidecar.",
+    )
+    extra_args: list[str] = Field(
+        default_factory=list,
+        description="More `vllm.entrypoints.openai.api_server` flags, appended as given, e.g. [--max-model-len, '8192'].",
     )
 
 
@@ -222,14 +272,26 @@ class Toleration(Section):
 
 class ClusterConfig(Section):
     namespace: str = Field("default", description="Namespace of the run's objects.")
+    api: Literal["pytorchjob", "trainjob"] = Field(
+        "pytorchjob",
+        description="Job API the run is submitted as: `pytorchjob` (Kubeflow training-operator v1, PyTorchJob "
+        "`kubeflow.org/v1`) or `trainjob` (Kubeflow Trainer v2, a TrainJob plus the ClusterTrainingRuntime holding "
+        "its pod, run as a JobSet; needs rights to create ClusterTrainingRuntimes). Same pod either way; "
+        "`launcher doctor` says which the cluster serves. docs/launcher.md compares restarts and TTL.",
+    )
     image: str = Field(
-        "ghcr.io/userloop/trainer:0.1.0",
+        DEFAULT_IMAGE,
         description="Trainer image (docker/Dockerfile: CUDA PyTorch + `userloop[train]`). Pin a tag or digest.",
     )
     sglang_image: str = Field(
-        "ghcr.io/userloop/sglang:v0.5.19-cu129",
+        DEFAULT_SGLANG_IMAGE,
         description="SGLang sidecar image (docker/sglang.Dockerfile, pinned to a released SGLang). Its HTTP API "
         "changes between releases: pin it.",
+    )
+    vllm_image: str = Field(
+        DEFAULT_VLLM_IMAGE,
+        description="vLLM sidecar image (docker/vllm.Dockerfile, pinned to vLLM 0.32): the sidecar of "
+        "`rollout.engine: vllm`. Its dev and weight-update routes change between releases: pin it.",
     )
     image_pull_policy: Literal["IfNotPresent", "Always", "Never"] = Field(
         "IfNotPresent", description="Pull policy of both images."
@@ -241,13 +303,20 @@ class ClusterConfig(Section):
         1,
         ge=0,
         le=16,
-        description="`nvidia.com/gpu` per pod, split between the trainer and the SGLang sidecar. 0 runs on CPU.",
+        description="`nvidia.com/gpu` per pod, split between the trainer and the rollout sidecar. 0 runs on CPU.",
     )
     rollout_gpus_per_node: int = Field(
         0,
         ge=0,
-        description="GPUs of each pod given to the SGLang sidecar (its tensor-parallel size); the rest go to the "
-        "trainer (one torchrun process each). 0 runs no sidecar.",
+        description="GPUs of each pod given to the rollout sidecar (SGLang or vLLM, by `rollout.engine`; its "
+        "tensor-parallel size); the rest go to the trainer (one torchrun process each). 0 runs no sidecar.",
+    )
+    gpu_memory_gb: float | None = Field(
+        None,
+        gt=0,
+        description="Memory of each trainer GPU in GB, for the memory estimate of `launcher validate`/`render` "
+        "(`parallel.check_memory`). Unset: read from `node_selector`'s `nvidia.com/gpu.memory` (MiB) or "
+        "`nvidia.com/gpu.product` (e.g. NVIDIA-H100-80GB-HBM3); when neither says, the fit is not checked.",
     )
     resources: ResourcesConfig = Field(
         default_factory=ResourcesConfig, description="CPU and memory per container."
@@ -269,6 +338,7 @@ class ClusterConfig(Section):
     sglang: SglangSidecarConfig = Field(
         default_factory=SglangSidecarConfig, description="SGLang sidecar settings."
     )
+    vllm: VllmSidecarConfig = Field(default_factory=VllmSidecarConfig, description="vLLM sidecar settings.")
     pvc: PvcConfig = Field(default_factory=PvcConfig, description="Persistent storage for the run's output.")
     api_key_secret: ApiKeySecretConfig | None = Field(
         None,
@@ -300,8 +370,10 @@ class ClusterConfig(Section):
     image_pull_secrets: list[str] = Field(default_factory=list, description="Secrets for private registries.")
     restart_policy: Literal["ExitCode", "OnFailure", "Never", "Always"] = Field(
         "ExitCode",
-        description="Replica restart policy. `ExitCode` restarts on signals/infrastructure exits (128+) and fails at "
-        "once on the trainer's own errors (exit 1-127: a bad config does not loop).",
+        description="Replica restart policy. `ExitCode` recreates the pod after the exits the training-operator "
+        "counts as transient (130 SIGINT, 137 SIGKILL/OOM, 138 SIGUSR1, 143 SIGTERM: the trainer's preemption exit) and "
+        "fails the job on every other code, the trainer's own errors (1-127: a bad config does not loop) and crashes "
+        "such as 139 SIGSEGV included.",
     )
     backoff_limit: int = Field(3, ge=0, description="Restarts before the job is marked Failed.")
     active_deadline_seconds: int | None = Field(
@@ -347,7 +419,7 @@ class ClusterConfig(Section):
     def _secrets(cls, v: list[str]) -> list[str]:
         return [dns1123_subdomain(s, "Secret name") for s in v]
 
-    @field_validator("image", "sglang_image")
+    @field_validator("image", "sglang_image", "vllm_image")
     @classmethod
     def _pinned(cls, v: str) -> str:
         return pinned_image(v)
@@ -393,6 +465,23 @@ class ClusterConfig(Section):
         return v
 
     @model_validator(mode="after")
+    def _trainjob(self) -> ClusterConfig:
+        # A TrainJob's pods belong to a batch Job, which accepts only restartPolicy Never or OnFailure, and
+        # Trainer gangs pods through its runtime's podGroupPolicy, not a PyTorchJob schedulingPolicy.
+        if self.api == "trainjob" and self.restart_policy == "Always":
+            raise ValueError(
+                "restart_policy Always cannot be a TrainJob's: its pods belong to a Job, which never restarts a "
+                "pod that succeeded; set cluster.restart_policy to ExitCode or OnFailure"
+            )
+        if self.api == "trainjob" and self.gang_scheduling:
+            raise ValueError(
+                "gang_scheduling fills a PyTorchJob's runPolicy.schedulingPolicy, which a TrainJob has not; with "
+                "cluster.api trainjob set cluster.queue instead (Kueue admits the whole TrainJob at once) and "
+                "cluster.gang_scheduling: false"
+            )
+        return self
+
+    @model_validator(mode="after")
     def _gpu_split(self) -> ClusterConfig:
         if self.gpus_per_node == 0 and self.rollout_gpus_per_node > 0:
             raise ValueError(
@@ -415,3 +504,14 @@ class ClusterConfig(Section):
     @property
     def sidecar(self) -> bool:
         return self.rollout_gpus_per_node > 0
+
+    def placeholder_images(self, engine: str = "sglang") -> dict[str, str]:
+        """``{"cluster.image": image, ...}`` for each image the pods would run that nobody publishes; ``engine``
+        (``rollout.engine``) picks the sidecar's image."""
+        used = {"cluster.image": self.image}
+        if self.sidecar:
+            field = "vllm_image" if engine == "vllm" else "sglang_image"
+            used[f"cluster.{field}"] = getattr(self, field)
+        return {
+            field: image for field, image in used.items() if _repository(image) in PLACEHOLDER_REPOSITORIES
+        }

@@ -11,10 +11,12 @@ ConfigMaps and logs).
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, field_validator, model_validator
 
+from trainer.config.api_keys import ENV_NAME, looks_like_key, variable_holding
 from trainer.config.base import RewardBase, Section
 
 _INLINE_KEY_NAMES = ("api_key", "apikey", "key", "token", "api_token")
@@ -108,6 +110,30 @@ class ApiBackendConfig(Section):
         "of endpoint, model, messages and parameters, so a resumed run does not pay twice. Never holds the key.",
     )
 
+    @field_validator("api_key_env", mode="before")
+    @classmethod
+    def _a_name_not_a_key(cls, v: Any) -> Any:
+        # Before the pattern check: its message would quote the value, which is often the key itself (a
+        # `${DASHSCOPE_API_KEY}` in the file or a `$DASHSCOPE_API_KEY` the shell expanded). Never show it.
+        if not isinstance(v, str) or (ENV_NAME.match(v) and not looks_like_key(v)):
+            return v
+        holder = variable_holding(v)
+        ref = re.fullmatch(r"\$\{?([A-Za-z_][A-Za-z0-9_]*)\}?", v.strip())
+        name = holder or (ref.group(1) if ref else "DASHSCOPE_API_KEY")
+        if holder:
+            why = f"it is the value of ${holder} (not shown)"
+        elif ref:
+            why = f"{v.strip()} is a reference to the variable, not its name"
+        elif looks_like_key(v):
+            why = "the value looks like an API key (not shown)"
+        else:
+            why = "the value (not shown, in case it is a key) is not a variable name: letters, digits and '_'"
+        raise ValueError(
+            f"{why}; api_key_env wants the name of the environment variable that holds the key, e.g. "
+            f"`api_key_env: {name}` after `export {name}=...` (the key never goes in the config: it is saved in "
+            "checkpoints, ConfigMaps and logs)"
+        )
+
     @model_validator(mode="before")
     @classmethod
     def _no_inline_key(cls, data: Any) -> Any:
@@ -171,12 +197,13 @@ class JudgeConfig(ApiBackendConfig):
 class EnvironmentConfig(Section):
     """The environment episodes run in."""
 
-    name: Literal["single_turn", "intentiongym", "quiz"] = Field(
+    name: Literal["single_turn", "intentiongym", "quiz", "tau2"] = Field(
         "single_turn",
         description="`single_turn`: one agent reply per prompt, scored by `rewards` (the foundation GRPO); "
         "`intentiongym`: the agent asks clarifying questions to a simulated user (UserRL's IntentionGym); "
         "`quiz`: the row's prompt is asked `max_turns` times, each reply scored 1 when it is the row's answer "
-        "(deterministic, no API: a check that turn-level credit works).",
+        "(deterministic, no API: a check that turn-level credit works); `tau2`: a customer-service agent calls a "
+        "domain's tools for a simulated customer and is graded as tau2-bench grades it (`domain_dir`, `tools`).",
     )
     max_turns: int = Field(
         16,
@@ -229,6 +256,90 @@ class EnvironmentConfig(Section):
         "the whole reply is the question, as if sent through the tool; for models that have not learned the tool "
         "format, such as the quickstart's tiny random-initialised one.",
     )
+    # tau2: tool-using domains in tau2-bench's format (trainer/envs/tau2.py).
+    domain_dir: str | None = Field(
+        None,
+        description="tau2: the domain folder, holding `db.json`, `policy.md`, `tasks.json` and `split_tasks.json` "
+        "as tau2-bench ships them, e.g. `<tau2-bench>/data/tau2/domains/airline`; `builtin:bookshop` is userloop's "
+        "own small domain. Rows name its tasks by `task_id` (`data.generate.task: tau2-tasks` writes them).",
+    )
+    tools: str | None = Field(
+        None,
+        description="tau2: `module:Class` of the domain's tools, a class built with the DB whose tool methods are "
+        "marked as tau2's `@is_tool` marks them, e.g. `tau2.domains.airline.tools:AirlineTools` (tau2 installed) or "
+        "`trainer.envs.domains.bookshop.tools:BookshopTools`.",
+    )
+    db_model: str | None = Field(
+        None,
+        description="tau2: `module:Class` of the pydantic model the DB file is validated into before the tools get "
+        "it, as tau2's own tool classes need, e.g. `tau2.domains.airline.data_model:FlightDB`. Unset: the tools get "
+        "the parsed JSON.",
+    )
+    task_split: str = Field(
+        "train",
+        description="tau2: the `split_tasks.json` split whose tasks `data.generate.task: tau2-tasks` writes into "
+        "the training rows (`all`: every task).",
+    )
+    val_task_split: str = Field("test", description="tau2: the split of the validation rows.")
+    user_guidelines: str | None = Field(
+        None,
+        description="tau2: a file with the user simulator's global guidelines, e.g. tau2-bench's "
+        "`data/tau2/user_simulator/simulation_guidelines.md` for its exact wording. Unset: userloop's wording "
+        "of the same rules and stop tokens.",
+    )
+    max_tool_errors: int = Field(
+        10,
+        ge=1,
+        description="tau2: the episode ends, scored 0, once this many tool calls failed or did not parse "
+        "(tau2's `max_errors`).",
+    )
+    nl_judge: bool = Field(
+        False,
+        description="tau2: grade each task's `nl_assertions` with the `judge` LLM and multiply the verdict into the "
+        "reward also when NL_ASSERTION is not in the task's reward basis (tau2's `all_with_nl_assertions`); tasks "
+        "whose basis lists it need this. A judge call that fails or a reply that does not parse makes the episode "
+        "invalid.",
+    )
+    partial_reward: Literal["none", "first_call", "actions"] = Field(
+        "none",
+        description="tau2: a shaping reward added to tau2's 0/1 reward on the turn it is earned. `first_call`: 1 when "
+        "the agent's first tool call is the tool of the task's first gold action (e.g. authenticating the customer "
+        "first); `actions`: the fraction of gold actions the agent's tool calls match (tau2's ACTION check as "
+        "partial credit). Times `partial_reward_weight`.",
+    )
+    partial_reward_weight: float = Field(1.0, ge=0, description="tau2: weight of `partial_reward`.")
+    tool_shorthand: bool = Field(
+        False,
+        description="tau2: a plain-text reply that is a tool's name, or a prefix of only one tool's name (`f` for "
+        "`find_user`), calls that tool without arguments, and the system prompt lists the tools by name instead "
+        "of declaring their JSON schemas; for models that cannot write tool-call JSON yet, such as the "
+        "quickstart's tiny random-initialised one.",
+    )
+    user_fault_checks: list[Literal["role_break", "goal_leak", "premature_stop"]] = Field(
+        default_factory=lambda: ["role_break", "goal_leak", "premature_stop"],
+        description="tau2: checks of every simulated-customer message. An episode whose simulator broke role, leaked "
+        "its instructions or stopped before the task could be done (or said `###OUT-OF-SCOPE###`) is excluded from "
+        "the loss and counted in `episodes/user_faults`, never scored 0. `[]` turns the checks off.",
+    )
+
+    @model_validator(mode="after")
+    def _tau2(self) -> EnvironmentConfig:
+        if self.name != "tau2":
+            return self
+        missing = [k for k in ("domain_dir", "tools") if not getattr(self, k)]
+        if missing:
+            raise ValueError(
+                f"environment.name is tau2 but {' and '.join(missing)} not set: e.g. domain_dir: builtin:bookshop, "
+                "tools: trainer.envs.domains.bookshop.tools:BookshopTools"
+            )
+        if "score" in self.model_fields_set and self.score != "sum":
+            raise ValueError(
+                f"environment.score is {self.score}, but a tau2 episode's score is the sum of its turn rewards (tau2's "
+                "reward on the last turn, partial rewards where earned): set score: sum or leave it unset"
+            )
+        if self.score != "sum":  # resolved here so the logged config says what the run uses
+            self.score = "sum"  # (only when it differs: assignment re-runs this validator)
+        return self
 
     @model_validator(mode="after")
     def _consistent(self) -> EnvironmentConfig:

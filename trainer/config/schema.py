@@ -14,6 +14,7 @@ from pydantic import Field, model_validator
 from trainer.config.base import RewardBase, Section
 from trainer.config.cluster import RUN_SUFFIX_LEN, ClusterConfig
 from trainer.config.multiturn import EnvironmentConfig, JudgeConfig, LlmJudgeReward, UserSimulatorConfig
+from trainer.config.parallel import ParallelConfig
 
 # ----------------------------------------------------------------------------- model
 
@@ -107,6 +108,18 @@ class AlgorithmConfig(Section):
         ge=1,
         description="GRPO, PPO: optimizer passes over each batch of rollouts (μ in the GRPO paper, PPO's epochs). "
         "The ratio's old log-probs are the first pass's own: no extra forward.",
+    )
+    tis_cap: float | None = Field(
+        2.0,
+        ge=1,
+        description="GRPO, PPO: truncated importance sampling against the rollout engine's own numerics (Yao et "
+        'al. 2025, "Your efficient RL framework secretly brings you off-policy RL training"): a server samples '
+        "in bf16 with its own kernels, so the probability it gave a token differs from the trainer's. Each agent "
+        "token's policy-gradient term is weighted by min(p_trainer / p_engine, tis_cap), p_trainer from the "
+        "update's first pass (the policy that was handed to the engine), p_engine as the engine reported it. "
+        "Active whenever the engine reports per-token log-probs: `sglang` and `vllm` with `rollout.top_p` 1 and "
+        "`rollout.top_k` 0 (`hf` samples with the trainer's own model and reports none). null: off. Logged as "
+        "`rollout/tis_clip_frac` (share of agent tokens whose weight was capped) beside `rollout/logprob_diff`.",
     )
     kl_coef: float = Field(
         0.0,
@@ -207,10 +220,12 @@ _PPO_ONLY = ("gamma", "lam", "value_loss_coef", "value_clip", "critic_lr", "crit
 
 
 class GenerateDataConfig(Section):
-    task: Literal["repeat-letter", "next-letter", "add-digits", "seat-booking"] = Field(
+    task: Literal["repeat-letter", "next-letter", "add-digits", "seat-booking", "tau2-tasks"] = Field(
         description="Built-in synthetic task written to `data.train.path` / `data.val.path` when they are missing. "
         "`seat-booking` is multi-turn (`environment.name: intentiongym`): Parquet rows plus the intention JSON "
-        "at `environment.intentions` / `val_intentions`."
+        "at `environment.intentions` / `val_intentions`. `tau2-tasks` (`environment.name: tau2`): JSONL rows naming "
+        "the tasks of `environment.domain_dir`'s `task_split` / `val_task_split`, cycling through them to "
+        "`train_size` / `val_size` rows."
     )
     train_size: int = Field(256, ge=1, description="Rows in the generated training set.")
     val_size: int = Field(32, ge=1, description="Rows in the generated validation set.")
@@ -270,32 +285,22 @@ def _url_port(url: str) -> int | None:
         return None
 
 
-class SglangConfig(Section):
-    url: str | None = Field(
-        None,
-        description="Base URL of the SGLang server. Unset: env `USERLOOP_SGLANG_URL` (the chart sets it to the "
-        "pod's sidecar), else `http://127.0.0.1:30000`. Resolved when the run starts, so a config rendered on a "
-        "laptop still reaches the pod's own sidecar.",
-    )
-    sync: Literal["lora", "disk"] | None = Field(
-        None,
-        description="How new weights reach the server after every optimizer step. `lora`: the adapter is saved "
-        "to `weights_dir` and loaded as `policy-n<node>-v<step>` (`/load_lora_adapter`), requests switch to it "
-        "and the previous one is unloaded; needs `model.lora.enabled`. `disk`: the full model is saved (safetensors) "
-        "and reloaded with `/update_weights_from_disk`. Unset: `lora` when LoRA is on, else `disk`.",
-    )
+class RemoteEngineConfig(Section):
+    """What the server engines (`sglang`, `vllm`) share: timeouts, retries, in-flight bounds, the hand-over folder."""
+
     timeout_s: float = Field(
         300.0,
         gt=0,
-        description="Per-request timeout of `/generate` (a reset connection or a timeout is retried twice, "
-        "with the same request id).",
+        description="Per-request timeout of a generation request (SGLang `/generate`, vLLM `/v1/completions`; a "
+        "reset connection or a timeout is retried twice, each time under a fresh request id).",
     )
     sync_timeout_s: float = Field(
         1800.0,
         gt=0,
-        description="Timeout of each weight hand-over call (`/update_weights_from_disk`, LoRA load/unload): "
-        "reloading a large model from disk can take minutes. A retry after a timeout first asks the server "
-        "whether the reload landed, and saves to a fresh folder rather than over the one it may still read.",
+        description="Timeout of each weight hand-over call (SGLang `/update_weights_from_disk`, vLLM "
+        "`/collective_rpc` `reload_weights`, LoRA load/unload): reloading a large model from disk can take minutes. "
+        "A retry after a timeout first asks the server whether the reload landed, and saves to a fresh folder "
+        "rather than over the one it may still read.",
     )
     max_inflight: int = Field(
         256,
@@ -306,8 +311,9 @@ class SglangConfig(Section):
     startup_timeout_s: float = Field(
         600.0,
         gt=0,
-        description="How long the trainer waits for `/health_generate` to answer 200 at start (model load and "
-        "CUDA-graph capture take minutes) before it stops with an error.",
+        description="How long the trainer waits for the server's readiness route (SGLang `/health_generate`, vLLM "
+        "`/health`) to answer 200 at start (model load and CUDA-graph capture take minutes) before it stops with "
+        "an error.",
     )
     sync_retries: int = Field(
         3,
@@ -321,6 +327,22 @@ class SglangConfig(Section):
         "`USERLOOP_WEIGHTS_DIR` (the chart sets `/weights`, an in-memory volume of both containers), else "
         "`<output_dir>/engine_weights`. Point it at a RAM disk (e.g. under /dev/shm) for fast full-weight syncs.",
     )
+
+
+class SglangConfig(RemoteEngineConfig):
+    url: str | None = Field(
+        None,
+        description="Base URL of the SGLang server. Unset: env `USERLOOP_SGLANG_URL` (the chart sets it to the "
+        "pod's sidecar), else `http://127.0.0.1:30000`. Resolved when the run starts, so a config rendered on a "
+        "laptop still reaches the pod's own sidecar.",
+    )
+    sync: Literal["lora", "disk"] | None = Field(
+        None,
+        description="How new weights reach the server after every optimizer step. `lora`: the adapter is saved "
+        "to `weights_dir` and loaded as `policy-n<node>-v<step>` (`/load_lora_adapter`), requests switch to it "
+        "and the previous one is unloaded; needs `model.lora.enabled`. `disk`: the full model is saved (safetensors) "
+        "and reloaded with `/update_weights_from_disk`. Unset: `lora` when LoRA is on, else `disk`.",
+    )
     launch: bool = Field(
         False,
         description="`launcher run` starts `python -m sglang.launch_server` as a child process with the flags "
@@ -331,15 +353,47 @@ class SglangConfig(Section):
     )
 
 
+class VllmConfig(RemoteEngineConfig):
+    url: str | None = Field(
+        None,
+        description="Base URL of the vLLM OpenAI-compatible server. Unset: env `USERLOOP_VLLM_URL` (the chart sets "
+        "it to the pod's sidecar), else `http://127.0.0.1:8000`. Resolved when the run starts. The server needs "
+        "`VLLM_SERVER_DEV_MODE=1` (and `VLLM_ALLOW_RUNTIME_LORA_UPDATING=True` for LoRA) in its environment.",
+    )
+    sync: Literal["lora", "disk"] | None = Field(
+        None,
+        description="How new weights reach the server after every optimizer step. `lora`: the adapter is saved "
+        "to `weights_dir` and loaded as `policy-n<node>-v<step>` (`/v1/load_lora_adapter`), requests name it and "
+        "the previous one is unloaded; needs `model.lora.enabled`. `disk`: the full model is saved (safetensors); "
+        "the server pauses (in-flight requests finish), reloads it (`/collective_rpc` `reload_weights`), labels it "
+        "`v<step>`, drops its prefix cache and resumes. Unset: `lora` when LoRA is on, else `disk`.",
+    )
+    launch: bool = Field(
+        False,
+        description="`launcher run` starts `python -m vllm.entrypoints.openai.api_server` as a child process with "
+        "the flags and environment the chart gives the sidecar (`cluster.vllm`, LoRA settings), on 127.0.0.1, "
+        "waits for `/health` and stops it at the end. The interpreter is env `USERLOOP_VLLM_PYTHON` (e.g. "
+        "`.venv-vllm/bin/python` from scripts/vllm_venv.sh), else the launcher's own. GPUs are split as with "
+        "`rollout.sglang.launch`; `url`, if set, must name its port.",
+    )
+
+
 class RolloutConfig(Section):
-    engine: Literal["hf", "sglang"] = Field(
+    engine: Literal["hf", "sglang", "vllm"] = Field(
         "hf",
-        description="Rollout engine: `hf` (in-process batched `generate` on the trainer's model) or `sglang` (HTTP "
-        "client of an SGLang 0.5.x server, the pod's sidecar; weights are handed over after every step).",
+        description="Rollout engine: `hf` (in-process batched `generate` on the trainer's model), `sglang` (HTTP "
+        "client of an SGLang 0.5.x server, the pod's sidecar) or `vllm` (HTTP client of a vLLM 0.32 OpenAI-compatible "
+        "server, the pod's sidecar); with a server, weights are handed over after every step.",
     )
     sglang: SglangConfig = Field(
         default_factory=SglangConfig, description="SGLang server settings (`engine: sglang`)."
     )
+    vllm: VllmConfig = Field(default_factory=VllmConfig, description="vLLM server settings (`engine: vllm`).")
+
+    def server(self) -> SglangConfig | VllmConfig | None:
+        """The section of the engine in use when it is a server (`sglang`, `vllm`); None for `hf`."""
+        return {"sglang": self.sglang, "vllm": self.vllm}.get(self.engine)
+
     max_new_tokens: int = Field(128, ge=1, description="Completion length limit.")
     temperature: float = Field(1.0, ge=0, description="Sampling temperature; 0 is greedy.")
     top_p: float = Field(1.0, gt=0, le=1, description="Nucleus sampling mass.")
@@ -531,6 +585,10 @@ class RunConfig(Section):
     logging: LoggingConfig = Field(
         default_factory=LoggingConfig, description="Step lines, metrics, plots, wandb."
     )
+    parallel: ParallelConfig = Field(
+        default_factory=ParallelConfig,
+        description="How several processes share the model: DDP replicas or FSDP2 shards, mixed precision, CPU offload.",
+    )
     cluster: ClusterConfig = Field(
         default_factory=ClusterConfig,
         description="How `launcher submit` runs this config on Kubernetes (a Kubeflow PyTorchJob); ignored by local runs.",
@@ -577,7 +635,12 @@ class RunConfig(Section):
                 f"data.generate.task is {task} but environment.name is {env.name}: seat-booking writes IntentionGym "
                 "data (environment.name: intentiongym); the other tasks are single-turn (environment.name: single_turn)"
             )
-        if env.name == "intentiongym" and self.user_simulator is None:
+        if task is not None and (task == "tau2-tasks") != (env.name == "tau2"):
+            raise ValueError(
+                f"data.generate.task is {task} but environment.name is {env.name}: tau2-tasks writes rows naming the "
+                "tasks of environment.domain_dir, for environment.name: tau2 (and tau2 needs those rows)"
+            )
+        if env.name in ("intentiongym", "tau2") and self.user_simulator is None:
             raise ValueError(
                 f"environment.name is {env.name} but user_simulator is not set: add a user_simulator section "
                 "(backend: api with model/api_base/api_key_env, or backend: local with a model path)"
@@ -585,6 +648,8 @@ class RunConfig(Section):
         needs_judge = [r.name or r.type for r in self.rewards if isinstance(r, LlmJudgeReward)]
         if env.name == "intentiongym" and env.judge_backend == "api" and not env.merged:
             needs_judge.append("environment.judge_backend: api")
+        if env.name == "tau2" and env.nl_judge:
+            needs_judge.append("environment.nl_judge")
         if needs_judge and self.judge is None:
             raise ValueError(
                 f"{', '.join(needs_judge)} need(s) the judge LLM but judge is not set: add a judge section, or use "
@@ -601,24 +666,26 @@ class RunConfig(Section):
             raise ValueError(
                 "algorithm.early_stopping.metric needs periodic evaluation: set eval.every_steps or eval.every_epochs"
             )
+        for key, port in (("sglang", 30000), ("vllm", 8000)):
+            server = getattr(self.rollout, key)
+            if server.sync == "lora" and not self.model.lora.enabled:
+                raise ValueError(
+                    f"rollout.{key}.sync is lora but model.lora.enabled is false: there is no adapter to hand over; "
+                    f"set rollout.{key}.sync: disk (or leave it unset) or enable model.lora"
+                )
+            if server.sync is None:  # resolved here so the logged config says which hand-over the run uses
+                server.sync = "lora" if self.model.lora.enabled else "disk"
+            if server.launch and server.url and _url_port(server.url) is None:
+                raise ValueError(
+                    f"rollout.{key}.url: {server.url} has no port; with rollout.{key}.launch: true the launcher "
+                    f"starts the server on that URL's port, so write it (e.g. http://127.0.0.1:{port}) or leave url "
+                    f"unset (cluster.{key}.port)"
+                )
         sg = self.rollout.sglang
-        if sg.sync == "lora" and not self.model.lora.enabled:
-            raise ValueError(
-                "rollout.sglang.sync is lora but model.lora.enabled is false: there is no adapter to hand over; "
-                "set rollout.sglang.sync: disk (or leave it unset) or enable model.lora"
-            )
-        if sg.sync is None:  # resolved here so the logged config says which hand-over the run uses
-            sg.sync = "lora" if self.model.lora.enabled else "disk"
         if self.rollout.engine == "sglang" and sg.sync == "lora" and self.cluster.sglang.max_loaded_loras < 2:
             raise ValueError(
                 f"cluster.sglang.max_loaded_loras: {self.cluster.sglang.max_loaded_loras} is too few for LoRA "
                 "hand-overs: the serving adapter and the next version are loaded together; set it to 2 or more"
-            )
-        if sg.launch and sg.url and _url_port(sg.url) is None:
-            raise ValueError(
-                f"rollout.sglang.url: {sg.url} has no port; with rollout.sglang.launch: true the launcher starts "
-                "the server on that URL's port, so write it (e.g. http://127.0.0.1:30000) or leave url unset "
-                "(cluster.sglang.port)"
             )
         names = [r.name or r.type for r in self.rewards]
         dupes = sorted({n for n in names if names.count(n) > 1})
@@ -644,15 +711,16 @@ class RunConfig(Section):
                 f"cluster.pvc.access_mode: {c.pvc.access_mode} cannot be mounted by the {c.nodes} pods of "
                 "cluster.nodes on different nodes: use a ReadWriteMany claim (see k8s/pvc-rwx.yaml) or cluster.nodes: 1"
             )
-        if c.sidecar and self.rollout.engine != "sglang":
+        if c.sidecar and self.rollout.server() is None:
             raise ValueError(
-                f"cluster.rollout_gpus_per_node: {c.rollout_gpus_per_node} gives GPUs to an SGLang sidecar but "
-                f"rollout.engine is {self.rollout.engine}, so nothing would use it: set rollout.engine: sglang, or "
-                "cluster.rollout_gpus_per_node: 0 to give every GPU to the trainer"
+                f"cluster.rollout_gpus_per_node: {c.rollout_gpus_per_node} gives GPUs to a rollout sidecar (SGLang or "
+                f"vLLM) but rollout.engine is {self.rollout.engine}, so nothing would use it: set rollout.engine: "
+                "sglang or vllm, or cluster.rollout_gpus_per_node: 0 to give every GPU to the trainer"
             )
         if c.sidecar and self.model.create_if_missing:
+            server = "vLLM" if self.rollout.engine == "vllm" else "SGLang"
             raise ValueError(
-                "cluster.rollout_gpus_per_node: the SGLang sidecar starts before the trainer and cannot load a model "
+                f"cluster.rollout_gpus_per_node: the {server} sidecar starts before the trainer and cannot load a model "
                 "that model.create_if_missing builds later: set cluster.rollout_gpus_per_node: 0 or point model.path "
                 "at an existing model"
             )

@@ -2,9 +2,10 @@
 
 An engine turns tokenised prompts into sampled completions. It works in token ids, not text, so the
 trainer's loss masks and the engine's tokens always agree (no re-tokenisation of decoded text).
-Implementations: ``HFEngine`` (in-process ``generate``, batched) and ``SGLangEngine`` (HTTP client of
-an SGLang server). After each optimizer step the trainer calls ``sync_weights`` so the next rollouts come
-from the new policy; an engine that shares the trainer's model has nothing to do there.
+Implementations: ``HFEngine`` (in-process ``generate``, batched), ``SGLangEngine`` and ``VLLMEngine``
+(HTTP clients of an SGLang or vLLM server, over ``trainer.engines.remote.RemoteEngine``). After each
+optimizer step the trainer calls ``sync_weights`` so the next rollouts come from the new policy; an engine
+that shares the trainer's model has nothing to do there.
 
 An engine may also offer ``async agenerate(ids, params) -> Completion`` (one sample), which the episode
 runner then awaits on its event loop for every episode at once instead of batching ``generate`` calls on

@@ -1,4 +1,4 @@
-"""Environments the agent acts in: the contract (``base``), ``single_turn`` and ``intentiongym``.
+"""Environments the agent acts in: the contract (``base``), ``single_turn``, ``intentiongym``, ``quiz`` and ``tau2``.
 
 ``make_environment`` builds the one a config names. Environments take already-built LLM clients
 (``trainer.llm.make_client``) so that the trainer owns the event loop, the cache and the counters.
@@ -48,11 +48,23 @@ def make_environment(
         from trainer.envs.quiz import QuizEnvironment
 
         return QuizEnvironment(cfg.max_turns, cfg.score)
+    if cfg.name == "tau2":
+        from trainer.envs.tau2 import Tau2Environment
+
+        if user is None:
+            raise ValueError("tau2 needs a user simulator client")
+        return Tau2Environment(cfg, user, judge)
     raise ValueError(f"unknown environment {cfg.name!r}")
 
 
 def check_data(cfg: EnvironmentConfig, split: str, rows: Sequence[dict[str, Any]], source: str) -> None:
-    """Fail before any model is loaded when ``rows`` do not fit the environment (IntentionGym: unknown task ids)."""
+    """Fail before any model is loaded when ``rows`` do not fit the environment (unknown task ids; tau2: tasks
+    that need what is not simulated)."""
+    if cfg.name == "tau2":
+        from trainer.envs.tau2 import check_rows as check_tau2_rows
+
+        check_tau2_rows(cfg, rows, source)
+        return
     if cfg.name != "intentiongym":
         return
     from trainer.envs.intentiongym import check_rows, load_intentions

@@ -3,7 +3,8 @@
 An environment turns a dataset row into an episode; the trainer drives the episode::
 
     episode = env.start(row)                 # cheap, synchronous; episode.messages is the prompt
-    while True:
+    await episode.begin()                    # only if it has one: an opening fetched by API (tool domains)
+    while not episode.done:
         agent_text = <generate from episode.messages + transcript so far>
         step = await episode.step(agent_text)   # async: API calls of many episodes overlap
         <append agent_text (trained tokens) and step.observation (context tokens)>
@@ -20,6 +21,12 @@ Rules every environment keeps:
   environment message saying what is wrong, a zero turn reward, and is counted
   (``result().malformed_actions``); the episode goes on until ``max_turns``.
 - ``step`` after ``done`` is a programming error (RuntimeError).
+- An episode may have ``async begin()``, awaited before its first turn, when its prompt needs an API call
+  (``tau2``: the simulated customer's first message). If that fails it sets ``done`` and ``invalid`` (or
+  ``user_fault``) and the agent takes no turn.
+- A simulated user that misbehaves (breaks role, leaks its goal, stops too early) is not the agent's
+  failure: ``result().user_fault`` says why, ``score`` is None, and the trainer excludes the episode and
+  counts it apart (``episodes/user_faults``), not as invalid.
 
 Agent actions follow Qwen3's tool-call format, ``<tool_call>{"name": ..., "arguments": {...}}
 </tool_call>``; text without a tool call is a plain message (``Action.kind == "text"``). A
@@ -49,7 +56,13 @@ class StepResult:
     reward: float | None  # this turn's reward; None when the turn is not scored (agent ended, invalid)
     done: bool
     invalid: str | None = None  # why the episode cannot be scored; implies done
+    # Why the turn scored what it did (the judge's verdict, a malformed action's problem): JSON-serialisable,
+    # logged per turn in ``logs/episodes.jsonl`` (``turn_log``), never read by the trainer.
     info: dict[str, Any] = field(default_factory=dict)
+    # Who wrote ``observation``: ``user_simulator`` (the simulated user's reply) or ``environment`` (its own
+    # text: an error note, a repeated question). The chat-template role alone cannot tell: IntentionGym sends
+    # both as ``tool`` messages.
+    observation_from: str = "environment"
 
 
 @dataclass
@@ -62,6 +75,7 @@ class EpisodeResult:
     invalid: str | None
     malformed_actions: int
     info: dict[str, Any] = field(default_factory=dict)
+    user_fault: str | None = None  # why the user simulator, not the agent, spoiled it (score None)
 
 
 @runtime_checkable
@@ -99,6 +113,11 @@ def aggregate(turn_rewards: Sequence[float], mode: ScoreMode) -> float:
     if mode == "last":
         return float(turn_rewards[-1])
     raise ValueError(f"unknown score mode {mode!r}; expected sum, mean or last")
+
+
+def excerpt(text: str, limit: int = 300) -> str:
+    """The start of a model's raw reply for logs: enough to see why a verdict parsed or did not."""
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def row_parts(row: dict[str, Any]) -> tuple[list[Message], dict[str, Any]]:

@@ -30,6 +30,13 @@ two (cheaper, faster on a slow relay); but the reply is written by a model that 
 tends to reveal more, and a sampled verdict is noisier than a greedy one), one parse failure loses
 both, verdicts cannot be cached (the call samples), and judge and user cannot be different models.
 Upstream made two sequential calls per turn; the default here makes two concurrent ones.
+
+Each turn's ``StepResult.info`` says why it scored what it did (``logs/episodes.jsonl``'s ``turn_log``):
+``question``, ``covered`` (descriptions of the details it newly covered), ``remaining``, ``judge``
+(``{"backend": "rule", "matched": {description: evidence}}``, or ``{"backend": "api" | "merged",
+"reply": <the raw reply, cut at 300 characters>}``) and, for the rule judge, ``already_covered`` (details an
+earlier turn covered that this question named again: the usual reason for a 0); a malformed action has
+``malformed`` (the problem), an invalid turn ``question`` and ``judge``.
 """
 
 from __future__ import annotations
@@ -43,7 +50,7 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config.multiturn import EnvironmentConfig
-from trainer.envs.base import EpisodeResult, StepResult, aggregate, parse_action, row_parts
+from trainer.envs.base import EpisodeResult, StepResult, aggregate, excerpt, parse_action, row_parts
 from trainer.envs.intentiongym_prompts import (
     judge_messages,
     merged_messages,
@@ -57,7 +64,10 @@ from trainer.llm.types import CallResult, LLMClient, Message
 
 IMPORTANCE_REWARD = {3: 1.0, 2: 0.7, 1: 0.4}
 EXTRA_DETAIL_PENALTY = 0.2
-OBSERVATION_ROLE = "tool"  # the environment answers the agent's tool call
+# The user's reply is the result of the agent's interact_with_env call (UserRL's protocol), so it goes back as a
+# tool message; also with text_action: ask, so the model sees one format however it asked. Qwen3's template
+# renders it as <tool_response> inside a user turn; episodes.jsonl records the rendering the model got.
+OBSERVATION_ROLE = "tool"
 
 TOOL_SCHEMA: dict[str, Any] = {
     "type": "function",
@@ -219,6 +229,12 @@ def rule_covered(question: str, details: Sequence[Detail], threshold: float = 0.
     several of the given details ("travel" in "Travel dates" and "Travel companions") do not count, as
     they cannot tell the details apart (a detail left with no distinctive keyword is matched by its options). Deterministic and crude on purpose: smoke tests and baselines.
     """
+    return list(rule_matches(question, details, threshold))
+
+
+def rule_matches(question: str, details: Sequence[Detail], threshold: float = 0.5) -> dict[int, str]:
+    """``rule_covered`` with the evidence: ``{index: why}``, e.g. ``"option 'b'"`` or
+    ``"inquiry keywords ['budget'] of ['budget', 'trip']"``, for the per-turn verdicts in episodes.jsonl."""
     q = keywords(question)
     sets = [(keywords(d.inquiry), keywords(d.description)) for d in details]
     seen: dict[str, int] = {}
@@ -226,16 +242,16 @@ def rule_covered(question: str, details: Sequence[Detail], threshold: float = 0.
         for word in inquiry | description:
             seen[word] = seen.get(word, 0) + 1
     shared = {w for w, n in seen.items() if n > 1}
-    covered = []
+    matches: dict[int, str] = {}
     for i, (d, (inquiry, description)) in enumerate(zip(details, sets, strict=True)):
-        hit = any((k := keywords(o)) and k <= q for o in d.options)
-        for k in (inquiry, description):
+        why = [f"option {o!r}" for o in d.options if (k := keywords(o)) and k <= q]
+        for label, k in (("inquiry", inquiry), ("description", description)):
             k = k - shared
             if k and len(k & q) / len(k) >= threshold:
-                hit = True
-        if hit:
-            covered.append(i)
-    return covered
+                why.append(f"{label} keywords {sorted(k & q)} of {sorted(k)}")
+        if why:
+            matches[i] = "; ".join(why)
+    return matches
 
 
 # ----------------------------------------------------------------------------- episodes
@@ -251,6 +267,7 @@ class IntentionEpisode:
         self.tools = [TOOL_SCHEMA]
         self.done = False
         self.remaining: list[Detail] = list(intention.details)
+        self.covered: list[Detail] = []  # in the order the questions covered them
         self.turn_rewards: list[float] = []
         self.turns = 0
         self.malformed = 0
@@ -290,27 +307,34 @@ class IntentionEpisode:
             msgs = merged_messages(it.task, it.details, self.remaining, self.transcript, question)
             k = len(self.remaining)
             res = await env.user.complete(msgs, parse=lambda t: parse_merged(t, k))
+            verdict: dict[str, Any] = {"backend": "merged", "reply": excerpt(res.text)}
             if not res.ok:
-                return self._invalid(res.error or "user simulator failed")
+                return self._invalid(res.error or "user simulator failed", question, verdict)
             reply, covered = res.value
         else:
-            reply_res, (covered, judge_error) = await asyncio.gather(
+            reply_res, (covered, judge_error, verdict) = await asyncio.gather(
                 self._user_reply(question, last), self._judge(question)
             )
             if reply_res is not None and not reply_res.ok:
-                return self._invalid(reply_res.error or "user simulator failed")
+                return self._invalid(reply_res.error or "user simulator failed", question, verdict)
             if judge_error is not None:
-                return self._invalid(judge_error)
+                return self._invalid(judge_error, question, verdict)
             reply = reply_res.value if reply_res is not None else None
         newly = [self.remaining[i] for i in covered]
         reward = turn_reward([d.importance for d in newly])
+        info: dict[str, Any] = {"question": question, "covered": [d.description for d in newly]}
+        if env.cfg.judge_backend == "rule" and not env.cfg.merged:
+            # Why a question scored 0 although it named a detail: that detail was covered by an earlier turn.
+            again = rule_matches(question, self.covered, env.cfg.rule_threshold)
+            info["already_covered"] = [self.covered[i].description for i in again]
         self.turn_rewards.append(reward)
+        self.covered += newly
         self.remaining = [d for i, d in enumerate(self.remaining) if i not in set(covered)]
         self.transcript.append((question, reply or ""))
         self.done = last or not self.remaining
         obs = [] if self.done or reply is None else [{"role": OBSERVATION_ROLE, "content": reply}]
-        info = {"covered": [d.description for d in newly], "remaining": len(self.remaining)}
-        return StepResult(obs, reward, self.done, info=info)
+        info.update(remaining=len(self.remaining), judge=verdict)
+        return StepResult(obs, reward, self.done, info=info, observation_from="user_simulator")
 
     async def _user_reply(self, question: str, last: bool) -> CallResult | None:
         if last:
@@ -320,21 +344,26 @@ class IntentionEpisode:
             user_messages(it.task, it.details, self.transcript, question), parse=parse_reply
         )
 
-    async def _judge(self, question: str) -> tuple[list[int], str | None]:
+    async def _judge(self, question: str) -> tuple[list[int], str | None, dict[str, Any]]:
+        """``(covered indices into remaining, error, verdict)``; the verdict is what episodes.jsonl shows of it:
+        the rule judge's evidence per detail, the API judge's raw reply."""
         env = self.env
         if env.cfg.judge_backend == "rule":
-            return rule_covered(question, self.remaining, env.cfg.rule_threshold), None
+            matches = rule_matches(question, self.remaining, env.cfg.rule_threshold)
+            named = {self.remaining[i].description: why for i, why in matches.items()}
+            return list(matches), None, {"backend": "rule", "matched": named}
         assert env.judge is not None
         k = len(self.remaining)
         res = await env.judge.complete(
             judge_messages(self.intention.task, self.remaining, question), parse=lambda t: parse_verdict(t, k)
         )
-        return (res.value, None) if res.ok else ([], res.error or "judge failed")
+        verdict = {"backend": "api", "reply": excerpt(res.text)}
+        return (res.value, None, verdict) if res.ok else ([], res.error or "judge failed", verdict)
 
-    def _invalid(self, reason: str) -> StepResult:
+    def _invalid(self, reason: str, question: str, verdict: dict[str, Any]) -> StepResult:
         self.invalid = reason
         self.done = True
-        return StepResult([], None, True, invalid=reason)
+        return StepResult([], None, True, invalid=reason, info={"question": question, "judge": verdict})
 
     def result(self) -> EpisodeResult:
         score = None if self.invalid else aggregate(self.turn_rewards, self.env.cfg.score)

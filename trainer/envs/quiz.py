@@ -45,7 +45,7 @@ class QuizEpisode:
         self.done = len(self.turn_rewards) >= self.max_turns
         # The question again (the first user message), as the next turn's context.
         observation = [] if self.done else [m for m in self.messages if m["role"] == "user"][-1:]
-        return StepResult(observation, reward, self.done)
+        return StepResult(observation, reward, self.done, info={"expected": self.answer})
 
     def result(self) -> EpisodeResult:
         score = aggregate(self.turn_rewards, self.mode)

@@ -15,6 +15,8 @@ Pieces, smallest first:
 - ``process.ProcessApiClient``: what ``make_client`` returns for ``backend: api``; runs ``ApiClient`` in
   one worker process per trainer process (``worker``, frames in ``wire``) so that litellm's Python does
   not hold the training loop's GIL.
+- ``probe.check_endpoints``: each endpoint answers and takes its key before the first step, or a
+  ``UserError`` says which role, URL and cause.
 
 Integration sketch (the trainer owns one loop and one client per role)::
 
@@ -22,6 +24,7 @@ Integration sketch (the trainer owns one loop and one client per role)::
     cache = open_cache(cfg.output_dir)
     user = make_client(cfg.user_simulator, "user_simulator", cache)
     judge = make_client(cfg.judge, "judge", cache)
+    loop.run(check_endpoints([user, judge]))            # a dead api_base or a bad key fails here
     result = loop.run(user.complete(messages))          # or submit() many episode coroutines
     metrics.update(merge_snapshots([user.stats, judge.stats], reset_window=True))
     if user.stats.budget_exceeded: save checkpoint and stop
@@ -36,6 +39,7 @@ from typing import TYPE_CHECKING
 
 from trainer.llm.cache import CACHE_FILE, ResponseCache
 from trainer.llm.loop import LoopThread
+from trainer.llm.probe import check_endpoints
 from trainer.llm.stats import ApiStats, merge_snapshots
 from trainer.llm.types import CallResult, LLMClient, Message, redact
 
@@ -49,6 +53,7 @@ __all__ = [
     "LoopThread",
     "Message",
     "ResponseCache",
+    "check_endpoints",
     "make_client",
     "merge_snapshots",
     "open_cache",

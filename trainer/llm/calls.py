@@ -13,7 +13,7 @@ from typing import Any
 
 from trainer.llm.cache import ResponseCache, cache_key
 from trainer.llm.stats import ApiStats
-from trainer.llm.types import CallResult, Message, Parser
+from trainer.llm.types import DEFAULT_API_BASE, CallResult, Message, Parser
 
 
 class CachedCalls(ABC):
@@ -29,7 +29,7 @@ class CachedCalls(ABC):
         self.cfg = cfg
         self.role = role
         self.model = f"openai/{cfg.model}"
-        self.endpoint = f"{role} ({self.model} at {cfg.api_base or 'https://api.openai.com/v1'})"
+        self.endpoint = f"{role} ({self.model} at {cfg.api_base or DEFAULT_API_BASE})"
         self.stats = ApiStats(role, self.endpoint, cfg.budget)
         self.cache = cache if cfg.cache else None
         self._rng = random.Random(seed)  # backoff jitter

@@ -35,7 +35,7 @@ from typing import TYPE_CHECKING, Any
 from trainer.llm.cache import ResponseCache
 from trainer.llm.calls import CachedCalls
 from trainer.llm.limits import backoff_delay
-from trainer.llm.types import CallResult, Message, Parser, read_api_key, redact
+from trainer.llm.types import CallResult, Message, Parser, ProbeResult, read_api_key, redact
 from trainer.llm.wire import FrameWriter, read_frame
 
 if TYPE_CHECKING:
@@ -101,6 +101,15 @@ class ApiWorker:
     async def call(self, client_id: int, model: str, messages: Sequence[Message], temperature: float,
                    max_tokens: int, first_attempt: int) -> tuple[dict[str, Any], dict[str, Any]]:  # fmt: skip
         """``(CallResult fields, stats delta)`` of attempts ``first_attempt``.. of one call."""
+        return await self._request("call", client_id, model, [dict(m) for m in messages], temperature,
+                                   max_tokens, first_attempt)  # fmt: skip
+
+    async def probe(self, client_id: int) -> dict[str, Any]:
+        """``ProbeResult`` fields of the client's start-up check of its endpoint (``ApiClient.probe``)."""
+        fields, _ = await self._request("probe", client_id)
+        return fields
+
+    async def _request(self, kind: str, *args: Any) -> Any:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         request_id = self._next_id()
@@ -109,8 +118,7 @@ class ApiWorker:
                 raise WorkerGone(self._gone)
             self._pending[request_id] = (loop, future)
         try:
-            self._send(("call", request_id, client_id, model, [dict(m) for m in messages], temperature,
-                        max_tokens, first_attempt))  # fmt: skip
+            self._send((kind, request_id, *args))
             return await future
         finally:
             with self._lock:
@@ -223,6 +231,15 @@ class ProcessApiClient(CachedCalls):
     @property
     def worker_pid(self) -> int | None:
         return self._worker.pid if self._worker is not None else None
+
+    async def probe(self) -> ProbeResult:
+        """The start-up check of the endpoint, run in the API worker like every call (``ApiClient.probe``)."""
+        try:
+            if self._worker is None:
+                raise WorkerGone("the client is closed")
+            return ProbeResult(**await self._worker.probe(self._id))
+        except WorkerGone as e:
+            return ProbeResult(False, "the API worker process", "other", None, self._redact(str(e)))
 
     async def aclose(self) -> None:
         worker, self._worker = self._worker, None

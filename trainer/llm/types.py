@@ -12,7 +12,13 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+# One reader of the key variable for the trainer, the API worker and the config checks (torch-free).
+from trainer.config.api_keys import read_api_key  # noqa: F401  (re-exported for llm/api.py and llm/process.py)
+
 Message = dict[str, str]  # {"role": "system"|"user"|"assistant"|"tool", "content": str}
+
+# Where litellm and the OpenAI client go when api_base is unset.
+DEFAULT_API_BASE = "https://api.openai.com/v1"
 
 ErrorKind = Literal[
     "rate_limit",  # 429
@@ -54,6 +60,18 @@ class CallResult:
     cached: bool = False
     endpoint: str = ""
     errors_seen: list[str] = field(default_factory=list)  # one line per failed attempt, redacted
+
+
+@dataclass
+class ProbeResult:
+    """What the run-start check of one endpoint found (``ApiClient.probe``); ``ok`` False stops the run."""
+
+    ok: bool
+    checked: str  # what was asked, e.g. "GET https://relay/v1/models"
+    kind: ErrorKind | None = None
+    status: int | None = None  # of a reply the server really sent
+    reason: str = ""  # one line, redacted: the cause, or the server's own error body
+    warning: str | None = None  # an answer that does not stop the run but deserves a line (a 5xx completion)
 
 
 Parser = Callable[[str], Any]  # raises ValueError (or any Exception) on text it does not accept
@@ -100,26 +118,3 @@ def redact(text: str, secrets: Sequence[str | None] = ()) -> str:
     for pattern, repl in _PATTERNS:
         text = pattern.sub(repl, text)
     return text
-
-
-def read_api_key(cfg: Any, role: str) -> str:
-    """The API key of an ``ApiBackendConfig`` from the variable it names; "none" when it names none.
-
-    Read in each process that needs it (the trainer, to redact; the API worker, to send): the key travels
-    through the environment only, never through a config, a message between processes, a log or a file.
-    """
-    import os
-
-    from trainer.errors import UserError
-
-    if cfg.api_key_env is None:
-        # Local OpenAI-compatible servers ignore the key, but the OpenAI client insists on one.
-        return "none"
-    key = os.environ.get(cfg.api_key_env)
-    if not key:
-        raise UserError(
-            f"{role}.api_key_env",
-            f"environment variable {cfg.api_key_env} is not set (it should hold the API key for {cfg.api_base})",
-            hint=f"export {cfg.api_key_env}=... before starting the run",
-        )
-    return key

@@ -6,11 +6,13 @@ per call never hold the training loop's GIL (issue 6). Requests, in ``wire`` fra
 
     ("open", client_id, config, role, seed)           # config: the ApiBackendConfig (or subclass) itself
     ("call", request_id, client_id, model, messages, temperature, max_tokens, first_attempt)
+    ("probe", request_id, client_id)                  # the run-start check of the endpoint
     ("exit",)
 
-and each call is answered with ``("result", request_id, call_result_fields, stats_delta)``, or
-``("crash", request_id, text)`` for a bug in here. Keys are read from the environment variable the config
-names, inherited from the trainer; they never cross the pipe.
+and each call is answered with ``("result", request_id, call_result_fields, stats_delta)``, each probe with
+``("result", request_id, probe_result_fields, None)``, or either with ``("crash", request_id, text)`` for a
+bug in here. Keys are read from the environment variable the config names, inherited from the trainer; they
+never cross the pipe.
 
 It exits when the trainer says so, when the request pipe reaches end of file (the trainer closed it or
 died, SIGKILL included) or when its parent process changes (checked every second, in case another
@@ -63,6 +65,8 @@ class Worker:
             self._open(*message[1:])
         elif message[0] == "call":
             self.loop.create_task(self._call(*message[1:]))
+        elif message[0] == "probe":
+            self.loop.create_task(self._probe(*message[1:]))
 
     def _open(self, client_id: int, config: Any, role: str, seed: int | None) -> None:
         from trainer.llm.api import ApiClient
@@ -87,6 +91,17 @@ class Worker:
             res = await client._attempts(messages, temperature, max_tokens, None, first_attempt, stats)
             delta = {**stats.state_dict(), "latencies": stats.latencies()}
             self.out.send(("result", request_id, dataclasses.asdict(res), delta))
+        except Exception:
+            text = "".join(traceback.format_exc(limit=5).splitlines(keepends=True)[-6:])
+            self.out.send(("crash", request_id, client_redact(self.clients.get(client_id), text)))
+
+    async def _probe(self, request_id: int, client_id: int) -> None:
+        if client_id in self.broken:
+            self.out.send(("crash", request_id, client_redact(None, self.broken[client_id])))
+            return
+        try:
+            res = await self.clients[client_id].probe()
+            self.out.send(("result", request_id, dataclasses.asdict(res), None))
         except Exception:
             text = "".join(traceback.format_exc(limit=5).splitlines(keepends=True)[-6:])
             self.out.send(("crash", request_id, client_redact(self.clients.get(client_id), text)))

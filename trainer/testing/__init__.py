@@ -7,6 +7,9 @@
   counts the requests in flight.
 - ``trainer.testing.sglang_server.SGLangDouble`` serves the SGLang 0.5.x HTTP API (``/generate``, weight
   hand-over, LoRA adapters) with a local model in a subprocess: what the SGLang engine is tested against.
+- ``trainer.testing.vllm_server.VLLMServer`` is no double: the real vLLM server (``.venv-vllm``) on loopback,
+  started through the launcher's own launch code; ``trainer.testing.vllm_worker`` is a worker extension
+  it loads (a weight reload that holds the engine, for the liveness-probe test).
 
 Used by the tests and the benchmarks; nothing in the training path imports this package.
 """

@@ -11,14 +11,20 @@ server_error   HTTP 500 with an OpenAI-style error body
 stall          nothing for ``stall_s`` seconds (past the client's timeout), then a 504
 malformed      HTTP 200 whose JSON body is cut in half
 drop           the connection closed without a response
+unauthorized   HTTP 401 with an OpenAI-style "Incorrect API key" body (scripted only: a wrong key)
+not_found      HTTP 404 ``{"detail": "Not Found"}`` (scripted only: a route the relay does not serve)
 =============  ==================================================================================
 
-``latency_s`` is added to every request, faulty or not (the benchmark's injected API latency); with
-``latency_dist="exponential"`` each request draws its own delay with that mean (seeded).
+``latency_s`` is added to every completion request, faulty or not (the benchmark's injected API
+latency); with ``latency_dist="exponential"`` each request draws its own delay with that mean (seeded).
 Faults come first from the script (``proxy.script("rate_limit", "server_error")`` applies to the
 next two requests, in order), then at random with probability ``rate`` among ``kinds``, from a
-seeded generator so runs repeat. The proxy counts requests and the most requests ever in flight at
-once (``max_in_flight``), which is how the tests prove the client's ``max_concurrency`` is a bound.
+seeded generator so runs repeat. A ``GET .../models`` (the run-start probe, ``trainer.llm.probe``)
+gets no latency and no random fault, and a scripted one only from its own script
+(``proxy.script("unauthorized", route="models")``): a run's probe never eats the faults a test meant
+for its calls, nor shifts the seeded draws. The proxy counts requests (``models_requests`` of them
+probes) and the most requests ever in flight at once (``max_in_flight``), which is how the tests
+prove the client's ``max_concurrency`` is a bound.
 
 It runs on its own event loop in a daemon thread, bound to 127.0.0.1 on a free port::
 
@@ -39,7 +45,9 @@ from typing import Any
 
 from aiohttp import ClientSession, ClientTimeout, web
 
-FAULT_KINDS = ("rate_limit", "server_error", "stall", "malformed", "drop")
+FAULT_KINDS = ("rate_limit", "server_error", "stall", "malformed", "drop")  # transient: drawn at random
+CLIENT_FAULTS = ("unauthorized", "not_found")  # what retrying does not fix: scripted only
+ROUTES = ("completions", "models")
 
 # Headers that describe one hop, not the message; aiohttp sets its own.
 _HOP_HEADERS = {"host", "content-length", "connection", "keep-alive", "transfer-encoding", "accept-encoding"}
@@ -58,9 +66,9 @@ class FaultPlan:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        unknown = set(self.kinds) - set(FAULT_KINDS)
+        unknown = set(self.kinds) - set(FAULT_KINDS) - set(CLIENT_FAULTS)
         if unknown:
-            raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {FAULT_KINDS}")
+            raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {FAULT_KINDS + CLIENT_FAULTS}")
         if self.latency_dist not in ("fixed", "exponential"):
             raise ValueError(f"latency_dist {self.latency_dist!r}: expected fixed or exponential")
 
@@ -72,6 +80,7 @@ class _Stats:
     in_flight: int = 0
     max_in_flight: int = 0
     with_authorization: int = 0
+    models_requests: int = 0  # GET .../models (the run-start probe), counted in requests too
     faults: Counter = field(default_factory=Counter)
 
 
@@ -83,7 +92,7 @@ class FaultProxy:
         self.host = host
         self._plan = plan or FaultPlan()
         self._rng = random.Random(self._plan.seed)
-        self._script: deque[str] = deque()
+        self._scripts: dict[str, deque[str]] = {route: deque() for route in ROUTES}
         self._stats = _Stats()
         self._lock = threading.Lock()
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -103,13 +112,16 @@ class FaultProxy:
             self._plan = plan
             self._rng = random.Random(plan.seed)
 
-    def script(self, *kinds: str) -> None:
-        """Apply these faults to the next requests, one each, before the plan's random ones."""
-        unknown = set(kinds) - set(FAULT_KINDS) - {"pass"}
+    def script(self, *kinds: str, route: str = "completions") -> None:
+        """Apply these faults to the next requests of ``route``, one each, before the plan's random ones."""
+        known = FAULT_KINDS + CLIENT_FAULTS
+        unknown = set(kinds) - set(known) - {"pass"}
         if unknown:
-            raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {FAULT_KINDS} and 'pass'")
+            raise ValueError(f"unknown fault kinds {sorted(unknown)}; known: {known} and 'pass'")
+        if route not in ROUTES:
+            raise ValueError(f"unknown route {route!r}; known: {ROUTES}")
         with self._lock:
-            self._script.extend(kinds)
+            self._scripts[route].extend(kinds)
 
     def stats(self) -> dict[str, Any]:
         with self._lock:
@@ -120,6 +132,7 @@ class FaultProxy:
                 "in_flight": s.in_flight,
                 "max_in_flight": s.max_in_flight,
                 "with_authorization": s.with_authorization,
+                "models_requests": s.models_requests,
                 "faults": dict(s.faults),
             }
 
@@ -127,7 +140,8 @@ class FaultProxy:
         with self._lock:
             in_flight = self._stats.in_flight
             self._stats = _Stats(in_flight=in_flight, max_in_flight=in_flight)
-            self._script.clear()
+            for script in self._scripts.values():
+                script.clear()
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -192,13 +206,14 @@ class FaultProxy:
         with self._lock:
             return self._rng.expovariate(1 / plan.latency_s)
 
-    def _next_fault(self) -> tuple[str | None, FaultPlan]:
+    def _next_fault(self, route: str) -> tuple[str | None, FaultPlan]:
         with self._lock:
             plan = self._plan
-            if self._script:
-                kind = self._script.popleft()
+            script = self._scripts[route]
+            if script:
+                kind = script.popleft()
                 return (None if kind == "pass" else kind), plan
-            if plan.rate > 0 and self._rng.random() < plan.rate:
+            if route == "completions" and plan.rate > 0 and self._rng.random() < plan.rate:
                 return self._rng.choice(plan.kinds), plan
             return None, plan
 
@@ -210,10 +225,14 @@ class FaultProxy:
             s.max_in_flight = max(s.max_in_flight, s.in_flight)
             if "authorization" in {k.lower() for k in request.headers}:
                 s.with_authorization += 1
+            route = (
+                "models" if request.method == "GET" and request.path.endswith("/models") else "completions"
+            )
+            s.models_requests += route == "models"
         try:
             body = await request.read()
-            kind, plan = self._next_fault()
-            delay = self._delay(plan)
+            kind, plan = self._next_fault(route)
+            delay = self._delay(plan) if route == "completions" else 0.0  # the seeded draws stay the calls'
             if delay > 0:
                 await asyncio.sleep(delay)
             if kind is not None:
@@ -243,6 +262,19 @@ class FaultProxy:
                 {"error": {"message": "internal error (injected)", "type": "server_error", "code": 500}},
                 status=500,
             )
+        if kind == "unauthorized":
+            return web.json_response(
+                {
+                    "error": {
+                        "message": "Incorrect API key provided (injected)",
+                        "type": "invalid_request_error",
+                        "code": "invalid_api_key",
+                    }
+                },
+                status=401,
+            )
+        if kind == "not_found":
+            return web.json_response({"detail": "Not Found"}, status=404)
         if kind == "stall":
             await asyncio.sleep(plan.stall_s)
             return web.json_response({"error": {"message": "upstream timed out (injected)"}}, status=504)

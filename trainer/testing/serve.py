@@ -10,7 +10,8 @@ Facts this relies on (transformers 5.x, extra ``transformers[serving]``: fastapi
   therefore ``openai/<model_dir>``.
 - Unknown request fields are rejected with 400 ("Unexpected fields in the request"), so
   ``extra_body`` such as DashScope's ``enable_thinking`` cannot be sent to it.
-- ``GET /v1/models`` scans the hub cache and fails with 500 when there is none; use ``/health``.
+- ``GET /v1/models`` scans the hub cache and fails with 500 when there is none (5.23; 5.24 lists the pinned
+  model); use ``/health``.
 - Start-up on 2 CPU cores with a tiny model takes ~7 s (mostly importing torch/transformers);
   a chat completion of a few tokens then takes well under a second.
 

@@ -4,10 +4,16 @@ Selector labels (name + instance) are kept apart from the full set so that anyth
 never depends on labels that change between chart versions.
 */}}
 
-{{/* The run name, checked: the operator names pods and Services `<run>-worker-<i>` (DNS-1035, <= 63). */}}
+{{/*
+The run name, checked: the training-operator names pods and Services `<run>-worker-<i>`, JobSet names
+pod hostnames `<run>-node-0-<i>` (DNS-1035, <= 63).
+*/}}
 {{- define "userloop.runName" -}}
 {{- $name := .Release.Name -}}
 {{- $longest := printf "%s-worker-%d" $name (max 0 (sub (int .Values.nodes) 2)) -}}
+{{- if eq .Values.api "trainjob" -}}
+{{- $longest = printf "%s-node-0-%d" $name (sub (int .Values.nodes) 1) -}}
+{{- end -}}
 {{- if gt (len $longest) 63 -}}
 {{- fail (printf "run name %q is too long: pod name %q has %d characters, the limit is 63; shorten `name` in the run config" $name $longest (len $longest)) -}}
 {{- end -}}
@@ -59,9 +65,18 @@ Standard labels of a run's objects. User labels from the config are merged in bu
 {{- toYaml (merge $std (deepCopy .Values.labels)) -}}
 {{- end -}}
 
+{{/*
+The trainer container's name: the training-operator's webhook requires `pytorch`; Kubeflow Trainer's
+torch plugin injects PET_* only into, and applies TrainJob.spec.trainer only to, the container `node`.
+*/}}
+{{- define "userloop.trainerContainer" -}}
+{{- ternary "node" "pytorch" (eq .Values.api "trainjob") -}}
+{{- end -}}
+
 {{/* GPUs of one pod, trainer plus sidecar. */}}
 {{- define "userloop.podGpus" -}}
-{{- add (int .Values.trainer.gpus) (ternary (int .Values.sglang.gpus) 0 .Values.sglang.enabled) -}}
+{{- $sidecar := add (ternary (int .Values.sglang.gpus) 0 .Values.sglang.enabled) (ternary (int .Values.vllm.gpus) 0 .Values.vllm.enabled) -}}
+{{- add (int .Values.trainer.gpus) $sidecar -}}
 {{- end -}}
 
 {{/*

@@ -1,7 +1,11 @@
 {{/*
-The pod template shared by Master and Worker replicas. The operator injects MASTER_ADDR, PET_NNODES,
-PET_NODE_RANK, ... into the `pytorch` container (not into init containers), and torchrun reads the
-PET_* variables itself, so one template serves every node.
+The pod template of every node, for both job APIs: the PyTorchJob's Master and Worker replicas, and the
+`node` job of the ClusterTrainingRuntime a TrainJob runs. The training-operator injects MASTER_ADDR,
+PET_NNODES, PET_NODE_RANK, PET_MASTER_ADDR, ... into the `pytorch` container; Kubeflow Trainer's torch
+plugin injects PET_NNODES, PET_NPROC_PER_NODE, PET_NODE_RANK (the Job completion index), PET_MASTER_ADDR
+(`<run>-node-0-0.<run>`) and PET_MASTER_PORT into the `node` container (neither into init containers).
+torchrun reads the PET_* variables itself, so one command serves every node under either API; only the
+container's name (userloop.trainerContainer) and, for a Job's pods, the restart policy differ.
 */}}
 {{- define "userloop.podTemplate" -}}
 metadata:
@@ -9,7 +13,7 @@ metadata:
     {{- include "userloop.labels" . | nindent 4 }}
   annotations:
     {{- $ann := dict
-      "kubectl.kubernetes.io/default-container" "pytorch"
+      "kubectl.kubernetes.io/default-container" (include "userloop.trainerContainer" .)
       "sidecar.istio.io/inject" "false" }}
     {{- toYaml (merge $ann (deepCopy .Values.annotations)) | nindent 4 }}
 spec:
@@ -19,6 +23,11 @@ spec:
   # Service links add an env var per Service in the namespace; nothing here reads them.
   enableServiceLinks: false
   terminationGracePeriodSeconds: {{ int .Values.terminationGracePeriodSeconds }}
+  {{- if eq .Values.api "trainjob" }}
+  # A Job's pods may only be Never or OnFailure. ExitCode is Never plus the Job's podFailurePolicy
+  # (trainingruntime.yaml); the training-operator sets a PyTorchJob's pods from its replica specs itself.
+  restartPolicy: {{ ternary "OnFailure" "Never" (eq .Values.restartPolicy "OnFailure") }}
+  {{- end }}
   securityContext:
     runAsNonRoot: true
     runAsUser: {{ int .Values.runAsUser }}
@@ -53,53 +62,74 @@ spec:
     - name: {{ . }}
     {{- end }}
   {{- end }}
+  {{- /* The rollout server of rollout.engine (values `sglang` or `vllm`, at most one enabled): one sidecar
+  template for both, so probes, volumes and the GPU split cannot drift apart. */}}
+  {{- $server := dict }}
   {{- if .Values.sglang.enabled }}
+  {{- $server = merge (dict "name" "sglang" "module" "sglang.launch_server" "startupPath" "/health_generate"
+      "alivePath" "/model_info" "urlEnv" "USERLOOP_SGLANG_URL") (deepCopy .Values.sglang) }}
+  {{- else if .Values.vllm.enabled }}
+  {{- $server = merge (dict "name" "vllm" "module" "vllm.entrypoints.openai.api_server" "startupPath" "/health"
+      "alivePath" "/health" "urlEnv" "USERLOOP_VLLM_URL") (deepCopy .Values.vllm) }}
+  {{- end }}
+  {{- if $server }}
   initContainers:
     # A native sidecar (Kubernetes >= 1.29): restartPolicy Always makes this init container run beside
     # the trainer, gate it through the startup probe, and not keep the pod alive once the trainer exits,
     # so the PyTorchJob can still succeed. A plain second container would keep the pod Running forever.
-    - name: sglang
-      image: {{ .Values.sglang.image }}
+    - name: {{ $server.name }}
+      image: {{ $server.image }}
       imagePullPolicy: {{ .Values.imagePullPolicy }}
       restartPolicy: Always
-      command: [python3, -m, sglang.launch_server]
+      command: [python3, -m, {{ $server.module }}]
       args:
-        {{- toYaml .Values.sglang.args | nindent 8 }}
+        {{- toYaml $server.args | nindent 8 }}
       ports:
-        - name: sglang
-          containerPort: {{ int .Values.sglang.port }}
+        - name: {{ $server.name }}
+          containerPort: {{ int $server.port }}
           protocol: TCP
       env:
         - name: HF_HOME
           value: {{ printf "%s/.cache/huggingface" .Values.pvc.mountPath }}
+        {{- range $name, $value := $server.env }}
+        - name: {{ $name }}
+          value: {{ $value | quote }}
+        {{- end }}
       resources:
-        {{- include "userloop.resources" .Values.sglang | nindent 8 }}
-      # /health_generate answers 503 until the model is loaded and a 1-token generation works; model
-      # download, load and CUDA-graph capture take minutes, so allow startupFailureThreshold x 10 s.
+        {{- include "userloop.resources" $server | nindent 8 }}
+      # SGLang's /health_generate answers 503 until the model is loaded and a 1-token generation works;
+      # vLLM listens only once its model is loaded and warmed up. Model download, load and CUDA-graph
+      # capture take minutes, so allow startupFailureThreshold x 10 s.
       startupProbe:
         httpGet:
-          path: /health_generate
-          port: sglang
+          path: {{ $server.startupPath }}
+          port: {{ $server.name }}
         periodSeconds: 10
         timeoutSeconds: 10
-        failureThreshold: {{ int .Values.sglang.startupFailureThreshold }}
+        failureThreshold: {{ int $server.startupFailureThreshold }}
+      # Readiness and liveness ask a route that answers from the server's own state and never waits for the
+      # model: SGLang's /model_info (its /health runs a one-token generation, which queues behind a weight
+      # reload and answers 503 after 20 s: a long /update_weights_from_disk would get the sidecar restarted
+      # mid hand-over, tests/trainer/test_sglang_contract.py); vLLM's /health (whether the engine process is
+      # alive; it does not wait on the engine loop, tests/trainer/test_vllm_engine.py). A server that hangs
+      # is the trainer's to notice: its requests time out (rollout.<engine>.timeout_s) and the run stops.
       readinessProbe:
         httpGet:
-          path: /health
-          port: sglang
+          path: {{ $server.alivePath }}
+          port: {{ $server.name }}
         periodSeconds: 10
         timeoutSeconds: 5
         failureThreshold: 3
       livenessProbe:
         httpGet:
-          path: /health
-          port: sglang
+          path: {{ $server.alivePath }}
+          port: {{ $server.name }}
         periodSeconds: 30
         timeoutSeconds: 10
         failureThreshold: 5
       # The documented exception to a read-only root (values.yaml `sglang`, docs/launcher.md): SGLang,
-      # flashinfer and triton JIT-compile kernels and write caches in places that differ between releases
-      # (under $HOME, /tmp and some package directories), which cannot be listed for a pinned volume set.
+      # vLLM, flashinfer and triton JIT-compile kernels and write caches in places that differ between
+      # releases (under $HOME, /tmp and some package directories), which cannot be listed for a pinned volume set.
       securityContext:
         {{- include "userloop.containerSecurityContext" (dict "readOnlyRootFilesystem" false) | nindent 8 }}
       volumeMounts:
@@ -111,16 +141,22 @@ spec:
           mountPath: {{ .Values.pvc.mountPath }}
   {{- end }}
   containers:
-    # The operator's webhook requires the training container to be named `pytorch`.
-    - name: pytorch
+    # `pytorch` for the training-operator's webhook, `node` for Kubeflow Trainer (userloop.trainerContainer).
+    - name: {{ include "userloop.trainerContainer" . }}
       image: {{ .Values.image }}
       imagePullPolicy: {{ .Values.imagePullPolicy }}
-      command: [torchrun]
-      # Node count, rank and rendezvous come from the PET_* variables the operator sets.
+      # torchrun, with the trainer's own exit code: bare torchrun answers SIGTERM with a traceback and exit 1,
+      # which the ExitCode policy takes as permanent; this wrapper (trainer/torchrun.py) exits 143, retried.
+      command: [python, -m, trainer.torchrun]
+      # Node count, rank and rendezvous come from the PET_* variables the job's controller sets.
       args: [-m, trainer, --config, /etc/userloop/config.yaml]
       env:
         - name: USERLOOP_RUN_NAME
           value: {{ include "userloop.runName" . }}
+        # How long torchrun waits for its workers' checkpoint after forwarding SIGTERM before it SIGKILLs them
+        # (30 s by default, less than checkpoint.grace_s): the kubelet's own grace period bounds it instead.
+        - name: TORCH_ELASTIC_SHUTDOWN_TIMEOUT
+          value: {{ int .Values.terminationGracePeriodSeconds | quote }}
         # litellm downloads a price list at import unless told not to, and stalls without internet.
         - name: LITELLM_LOCAL_MODEL_COST_MAP
           value: "True"
@@ -138,10 +174,10 @@ spec:
           value: /tmp/.cache/torchinductor
         - name: MPLCONFIGDIR
           value: /tmp/.cache/matplotlib
-        {{- if .Values.sglang.enabled }}
-        # rollout.sglang.url and .weights_dir default to these (resolved when the trainer starts).
-        - name: USERLOOP_SGLANG_URL
-          value: {{ printf "http://127.0.0.1:%d" (int .Values.sglang.port) }}
+        {{- if $server }}
+        # rollout.<engine>.url and .weights_dir default to these (resolved when the trainer starts).
+        - name: {{ $server.urlEnv }}
+          value: {{ printf "http://127.0.0.1:%d" (int $server.port) }}
         - name: USERLOOP_WEIGHTS_DIR
           value: /weights
         {{- end }}
@@ -166,7 +202,7 @@ spec:
           mountPath: /tmp
         - name: dshm
           mountPath: /dev/shm
-        {{- if .Values.sglang.enabled }}
+        {{- if $server }}
         - name: weights
           mountPath: /weights
         {{- end }}
@@ -185,7 +221,7 @@ spec:
       emptyDir:
         medium: Memory
         sizeLimit: {{ .Values.shmSize }}
-    {{- if .Values.sglang.enabled }}
+    {{- if $server }}
     # Trainer and sidecar hold disjoint GPUs (no CUDA IPC): new weights and LoRA adapters go through RAM.
     - name: weights
       emptyDir:
