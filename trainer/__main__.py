@@ -29,7 +29,16 @@ def main(argv: list[str] | None = None) -> int:
     # The command to show in output_dir's lock and to say how to resume (``launcher run`` passes its own;
     # torchrun's options are not visible from here).
     launch = ["torchrun", "..."] if "TORCHELASTIC_RUN_ID" in os.environ else ["python"]
+    given = os.environ.get("USERLOOP_COMMAND")
     os.environ.setdefault("USERLOOP_COMMAND", shlex.join([*launch, "-m", "trainer", *(argv or sys.argv[1:])]))
+    try:
+        return _train(args)
+    finally:  # main() also runs in-process (tests, notebooks): this run's command must not outlive it
+        if given is None:
+            os.environ.pop("USERLOOP_COMMAND", None)
+
+
+def _train(args: argparse.Namespace) -> int:
     try:
         with _no_gc_while_importing():
             from trainer.config import check_paths, load_config

@@ -63,7 +63,8 @@ def _invoke(args: list[str], kubeconfig: Path) -> Any:
 
 
 def _assert_one_error(output: str, url: str, cause: str) -> None:
-    lines = output.splitlines()
+    # `info:` lines are the offline checks' summary (submit's memory plan), printed before any cluster call.
+    lines = [line for line in output.splitlines() if not line.startswith("info: ")]
     assert len(lines) == 2, output
     error, hint = lines
     assert error.startswith("Error: ") and f"cannot reach the API server {url}: {cause}" in error, output

@@ -199,8 +199,8 @@ CASES = [
     Case("run-nproc-0", "Error: --nproc: 0: must be 1 or more", command="run", args=("--nproc", "0")),
     # ---- multi-turn settings
     Case("unknown-environment",
-         "Error: <cfg>: environment.name: 'tau2': Input should be 'single_turn', 'intentiongym' or 'quiz'",
-         sets=("environment.name=tau2",)),
+         "Error: <cfg>: environment.name: 'webshop': Input should be 'single_turn', 'intentiongym', 'quiz' or 'tau2'",
+         sets=("environment.name=webshop",)),
     Case("max-turns-0", "Error: <cfg>: environment.max_turns: 0: Input should be greater than or equal to 1",
          sets=("environment.max_turns=0",)),
     Case("intentiongym-without-intentions",

@@ -91,6 +91,7 @@ def test_fsdp_trains_as_ddp_does_and_its_checkpoint_resumes_in_one_process(make_
     _same(b[2:], _metrics(one), ("loss/sft", "grad_norm"))
 
 
+@pytest.mark.slow
 def test_fsdp_preempted_by_sigterm_resumes_exactly(make_config) -> None:
     grpo = {"algorithm__max_steps": 6, "checkpoint__save_every_steps": None, "eval": {},
             "parallel": {"strategy": "fsdp"}}  # fmt: skip
@@ -134,6 +135,7 @@ def test_lora_under_fsdp_learns_and_saves_an_adapter(make_config, tiny_model) ->
     PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(tiny_model), policy)
 
 
+@pytest.mark.slow
 def test_sharded_policy_hands_the_server_its_exact_weights_once_per_step(
     make_config, tmp_path, tiny_model
 ) -> None:

@@ -102,3 +102,13 @@ def test_a_second_run_into_a_busy_output_dir_exits_2_and_the_first_completes(mak
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert (logs / "train.log").read_text().count("userloop grpo run 'busy'") == 1  # nobody else wrote
     assert sorted(p.name for p in (Path(cfg.output_dir) / "checkpoints").iterdir()) == ["step_4"]
+
+
+def test_an_in_process_main_leaves_no_command_behind(tmp_path, monkeypatch) -> None:
+    """``python -m trainer``'s main() also runs in-process (tests, notebooks): the command it records for the lock
+    and the resume line must not outlive it, or every later run in that process names the wrong command."""
+    from trainer.__main__ import main
+
+    monkeypatch.delenv("USERLOOP_COMMAND", raising=False)
+    assert main(["--config", str(tmp_path / "missing.yaml")]) == 2
+    assert "USERLOOP_COMMAND" not in os.environ

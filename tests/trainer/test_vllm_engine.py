@@ -36,10 +36,14 @@ from trainer.testing.vllm_server import VLLMServer, vllm_python
 
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = vllm_python()
-pytestmark = pytest.mark.skipif(
-    PYTHON is None,
-    reason="no vLLM environment: build .venv-vllm with scripts/vllm_venv.sh, or set USERLOOP_VLLM_PYTHON",
-)
+# The end-to-end tier (`make test-slow`): a real server, ~2 min with its start-ups.
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        PYTHON is None,
+        reason="no vLLM environment: build .venv-vllm with scripts/vllm_venv.sh, or set USERLOOP_VLLM_PYTHON",
+    ),
+]
 LORA = {
     "enabled": True,
     "r": 8,
