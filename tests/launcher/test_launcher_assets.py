@@ -81,7 +81,9 @@ def test_the_lock_pins_every_dependency() -> None:
     pins = _lock()
     assert names <= set(pins), f"not pinned in constraints.txt (run make lock): {sorted(names - set(pins))}"
     assert {"pip", "setuptools", "torch"} <= set(pins)
-    assert pins["torch"] == "2.13.0", "the CPU build on this machine's disk; any other torch pulls CUDA wheels"
+    assert pins["torch"] == "2.13.0", (
+        "the CPU build on this machine's disk; any other torch pulls CUDA wheels"
+    )
 
 
 def test_every_install_path_uses_the_lock() -> None:

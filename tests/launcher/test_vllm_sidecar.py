@@ -14,7 +14,7 @@ from typing import Any
 
 import helm_python
 import pytest
-from launcher_paths import DATA, FIXED_TIME, REPO
+from launcher_paths import DATA, FIXED_TIME, REPO, check_golden
 
 from launcher import checks
 from launcher.render import Rendered, chart_dir, render
@@ -84,13 +84,7 @@ def test_should_render_the_same_sidecar_under_a_trainjob() -> None:
 def test_golden_vllm_manifest() -> None:
     """A reviewed, rendered manifest: regenerate with UPDATE_GOLDEN=1 after a deliberate chart change."""
     _, rendered = _render(["cluster.nodes=2"])
-    rendered.by_kind("ConfigMap")[0]["data"]["config.yaml"] = "<the resolved run config>\n"
-    text = rendered.to_yaml()
-    if os.environ.get("UPDATE_GOLDEN") == "1":
-        GOLDEN.write_text(text)
-    assert text == GOLDEN.read_text(), (
-        "rendered manifests changed: review, bump the chart version, UPDATE_GOLDEN=1"
-    )
+    check_golden(rendered, GOLDEN)
 
 
 def test_helm_lint_is_clean_for_the_vllm_sidecar() -> None:
