@@ -9,6 +9,10 @@ and seconds of training on 2 CPU cores. What each test proves:
   reshards 2 -> 1, ``auto`` picks DDP there) and continues with the same numbers;
 - GRPO under FSDP, preempted by SIGTERM (exit 143) and resumed on two processes, logs the same per-step numbers
   as an uninterrupted FSDP run: sharded weights, AdamW state, RNG streams and data position all come back;
+- PPO under FSDP (policy and critic both sharded) logs the same per-step reward, losses, value estimates and
+  both gradient norms as under DDP;
+- a DDP checkpoint (optimizers keyed by position in ``training_state.pt``) resumed under FSDP continues with
+  the same numbers as the uninterrupted DDP run, the critic's optimizer included;
 - LoRA under FSDP learns (the SFT loss falls), and saves a plain PEFT adapter;
 - the rollout hand-over of a sharded policy to an SGLang server (the repo's double) gathers the full weights
   once per step and the server samples from exactly the trainer's weights;
@@ -116,6 +120,34 @@ def test_fsdp_preempted_by_sigterm_resumes_exactly(make_config) -> None:
     assert stopped < 6 and f"checkpointing step {stopped} and exiting with 143" in log, log[-3000:]
     assert "resumed from" in _run(path).stdout
     _same(_metrics(straight), _metrics(path), ("reward/mean", "loss/policy", "entropy", "grad_norm"))
+
+
+PPO = {"algorithm__name": "ppo", "algorithm__max_steps": 4, "algorithm__critic_lr": 4e-3,
+       "checkpoint__save_every_steps": 2, "eval": {}}  # fmt: skip
+PPO_KEYS = ("reward/mean", "loss/policy", "loss/value", "value/mean", "grad_norm", "critic/grad_norm")
+
+
+@pytest.mark.slow
+def test_ppo_critic_under_fsdp_trains_as_under_ddp(make_config) -> None:
+    ddp = make_config("ppo-ddp", parallel={"strategy": "ddp"}, **PPO)
+    fsdp = make_config("ppo-fsdp", parallel={"strategy": "fsdp"}, **PPO)
+    _run(ddp)
+    assert "parallel: fsdp over 2 process(es)" in _run(fsdp).stdout
+    _same(_metrics(ddp), _metrics(fsdp), PPO_KEYS)
+    critic = Path(load_config(fsdp).output_dir) / "checkpoints" / "step_4" / "critic"
+    assert (critic / "model.safetensors").is_file()
+
+
+@pytest.mark.slow
+def test_ddp_checkpoint_resumes_under_fsdp(make_config) -> None:
+    """A DDP checkpoint (optimizers keyed by position in training_state.pt) resumed sharded: policy and critic."""
+    ddp = make_config("ppo-ddp", parallel={"strategy": "ddp"}, **PPO)
+    _run(ddp)
+    step2 = Path(load_config(ddp).output_dir) / "checkpoints" / "step_2"
+    fsdp = make_config("ppo-fsdp", parallel={"strategy": "fsdp"}, **{**PPO, "checkpoint__resume": str(step2)})
+    out = _run(fsdp).stdout
+    assert f"resumed from {step2} at step 2" in out and "parallel: fsdp over 2 process(es)" in out
+    _same(_metrics(ddp)[2:], _metrics(fsdp), PPO_KEYS)
 
 
 def test_lora_under_fsdp_learns_and_saves_an_adapter(make_config, tiny_model) -> None:
