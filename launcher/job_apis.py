@@ -14,6 +14,7 @@ Plain data and functions over dicts: nothing here imports the kubernetes client.
 from __future__ import annotations
 
 import re
+from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -41,7 +42,7 @@ class Resource:
 
 
 @dataclass(frozen=True)
-class JobApi:
+class JobApi(ABC):
     """One job API. Subclasses say how the controller names pods and reports replicas."""
 
     name: str  # the value of cluster.api
@@ -81,18 +82,18 @@ class JobApi:
             (c["message"] for c in _conditions(job) if c.get("type") == ctype and c.get("message")), ""
         )
 
-    def nodes(self, job: dict[str, Any]) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def nodes(self, job: dict[str, Any]) -> int: ...
 
-    def replica_statuses(self, job: dict[str, Any]) -> dict[str, dict[str, Any]]:
-        raise NotImplementedError
+    @abstractmethod
+    def replica_statuses(self, job: dict[str, Any]) -> dict[str, dict[str, Any]]: ...
 
+    @abstractmethod
     def pod_of(self, run: str, replica: str, pods: Pods) -> str | None:
         """The name of the replica's current pod (``pods`` lists the job's pods, called only if needed)."""
-        raise NotImplementedError
 
-    def logs_command(self, namespace: str, run: str) -> str:
-        raise NotImplementedError
+    @abstractmethod
+    def logs_command(self, namespace: str, run: str) -> str: ...
 
 
 class PyTorchJobApi(JobApi):

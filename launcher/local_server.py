@@ -28,6 +28,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import ClassVar
 from urllib.parse import urlparse
@@ -70,7 +71,7 @@ def visible_gpus(env: dict[str, str] | None = None) -> list[str]:
     return [str(i) for i, _ in enumerate(x for x in out.stdout.splitlines() if x.startswith("GPU "))]
 
 
-class LocalServer:
+class LocalServer(ABC):
     """The rollout server of one local run: ``start()``, ``wait_ready()``, ``stop()``; a context manager.
 
     ``server_gpus``/``trainer_gpus``: the ``CUDA_VISIBLE_DEVICES`` split (None without visible GPUs).
@@ -120,13 +121,14 @@ class LocalServer:
             return dict(env)
         return dict(env, CUDA_VISIBLE_DEVICES=",".join(self.trainer_gpus))
 
-    def command(self) -> list[str]:
-        raise NotImplementedError
+    @abstractmethod
+    def command(self) -> list[str]: ...
 
     def server_env(self) -> dict[str, str]:
         """Variables the server needs besides the launcher's environment."""
         return {}
 
+    @abstractmethod
     def check_installed(self) -> None:
         """Raise a ``UserError`` when the server cannot be started at all (its package is missing)."""
 

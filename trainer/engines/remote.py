@@ -39,6 +39,7 @@ import os
 import re
 import shutil
 import time
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, ClassVar
@@ -115,7 +116,7 @@ class _LoopState:
         self.preflight: asyncio.Future | None = None  # the check that covers this burst of requests (vLLM)
 
 
-class RemoteEngine:
+class RemoteEngine(ABC):
     """``RolloutEngine`` over HTTP. ``model`` is the trainer's policy (saved at every hand-over)."""
 
     SERVER: ClassVar[str]  # "SGLang": in messages
@@ -216,20 +217,20 @@ class RemoteEngine:
                 )
             time.sleep(poll_s)
 
-    def check_version(self) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def check_version(self) -> None: ...
 
     # ------------------------------------------------------------------ generation
 
-    def _payload(self, ids: list[int], params: SamplingParams, rid: str) -> dict[str, Any]:
-        raise NotImplementedError
+    @abstractmethod
+    def _payload(self, ids: list[int], params: SamplingParams, rid: str) -> dict[str, Any]: ...
 
-    def _completion(self, prompt: list[int], out: dict[str, Any], params: SamplingParams) -> Completion:
-        raise NotImplementedError
+    @abstractmethod
+    def _completion(self, prompt: list[int], out: dict[str, Any], params: SamplingParams) -> Completion: ...
 
+    @abstractmethod
     async def _abort(self, client: aiohttp.ClientSession, rid: str) -> None:
         """Free request ``rid`` on the server after its client timed out (best effort)."""
-        raise NotImplementedError
 
     def _preflight(self, client: aiohttp.ClientSession) -> Any:
         """A coroutine that must succeed before requests are sent (again) after none was in flight, or before a
@@ -428,23 +429,23 @@ class RemoteEngine:
             return
         unwrap(self.model).save_pretrained(path, safe_serialization=True)
 
+    @abstractmethod
     def _landed(self, name: str, version: str) -> bool:
         """Whether an earlier attempt's adapter ``name`` (LoRA) or weights ``version`` reached the server."""
-        raise NotImplementedError
 
+    @abstractmethod
     def _load_adapter(self, name: str, path: Path, attempt: int) -> Iterable[str] | None:
         """Load the adapter at ``path`` as ``name``; the names of the adapters the server holds, when known."""
-        raise NotImplementedError
 
-    def _unload_adapter(self, name: str) -> None:
-        raise NotImplementedError
+    @abstractmethod
+    def _unload_adapter(self, name: str) -> None: ...
 
+    @abstractmethod
     def _reload(self, path: Path, version: str) -> None:
         """Load the full weights at ``path``, labelled ``version``."""
-        raise NotImplementedError
 
-    def _weight_version(self) -> Any:
-        raise NotImplementedError
+    @abstractmethod
+    def _weight_version(self) -> Any: ...
 
     # ------------------------------------------------------------------ answers
 

@@ -38,10 +38,11 @@ from __future__ import annotations
 
 import json
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from trainer.errors import UserError
 from trainer.llm.parsing import strip_thinking
 from trainer.llm.types import Message
 
@@ -180,3 +181,24 @@ def parse_action(text: str) -> Action:
             "malformed", body, name=call["name"], error="the tool call's arguments are not a JSON object"
         )
     return Action("tool_call", body, name=call["name"], arguments=args)
+
+
+def index_by_id(raw: Any, parse: Callable[[Any], Any], source: str, what: str, hint: str) -> dict[str, Any]:
+    """``{entry.id: entry}`` of a JSON list of task-like entries (IntentionGym's intentions, tau2's tasks), each
+    read by ``parse``; every malformed or repeated entry is reported with its index, all in one error."""
+    if not isinstance(raw, list):
+        raise UserError(source, f"expected a list of tasks, got {type(raw).__name__}")
+    out: dict[str, Any] = {}
+    problems = []
+    for i, entry in enumerate(raw):
+        try:
+            item = parse(entry)
+        except (KeyError, TypeError, ValueError) as e:
+            problems.append(f"{what} {i}: {e}")
+            continue
+        if item.id in out:
+            problems.append(f"{what} {i}: duplicate id {item.id!r}")
+        out[item.id] = item
+    if problems:
+        raise UserError(source, problems[:20], hint=hint)
+    return out

@@ -50,7 +50,15 @@ from pathlib import Path
 from typing import Any
 
 from trainer.config.multiturn import EnvironmentConfig
-from trainer.envs.base import EpisodeResult, StepResult, aggregate, excerpt, parse_action, row_parts
+from trainer.envs.base import (
+    EpisodeResult,
+    StepResult,
+    aggregate,
+    excerpt,
+    index_by_id,
+    parse_action,
+    row_parts,
+)
 from trainer.envs.intentiongym_prompts import (
     judge_messages,
     merged_messages,
@@ -121,22 +129,9 @@ def load_intentions(path: str | Path) -> dict[str, Intention]:
         raw = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
         raise UserError(str(path), f"invalid JSON: line {e.lineno}, column {e.colno}: {e.msg}") from None
-    if not isinstance(raw, list):
-        raise UserError(str(path), f"expected a list of tasks, got {type(raw).__name__}")
-    out: dict[str, Intention] = {}
-    problems = []
-    for i, entry in enumerate(raw):
-        try:
-            item = _intention(entry)
-        except (KeyError, TypeError, ValueError) as e:
-            problems.append(f"entry {i}: {e}")
-            continue
-        if item.id in out:
-            problems.append(f"entry {i}: duplicate id {item.id!r}")
-        out[item.id] = item
-    if problems:
-        raise UserError(str(path), problems[:20], hint="each entry needs id, category, task, missing_details")
-    return out
+    return index_by_id(
+        raw, _intention, str(path), "entry", "each entry needs id, category, task, missing_details"
+    )
 
 
 def _intention(entry: Any) -> Intention:

@@ -29,6 +29,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from trainer.envs.base import index_by_id
 from trainer.errors import UserError
 
 if TYPE_CHECKING:
@@ -257,24 +258,8 @@ def load_domain(domain_dir: str) -> Domain:
         raise UserError(str(root), f"missing {', '.join(missing)}",
                         hint="a tau2 domain folder holds db.json, policy.md, tasks.json (and split_tasks.json)")  # fmt: skip
     assert db_path is not None
-    raw = _json(root / "tasks.json")
-    if not isinstance(raw, list):
-        raise UserError(str(root / "tasks.json"), f"expected a list of tasks, got {type(raw).__name__}")
-    tasks: dict[str, Task] = {}
-    problems = []
-    for i, entry in enumerate(raw):
-        try:
-            task = parse_task(entry)
-        except (KeyError, TypeError, ValueError) as e:
-            problems.append(f"task {i}: {e}")
-            continue
-        if task.id in tasks:
-            problems.append(f"task {i}: duplicate id {task.id!r}")
-        tasks[task.id] = task
-    if problems:
-        raise UserError(
-            str(root / "tasks.json"), problems[:20], hint="see tau2-bench's src/tau2/data_model/tasks.py"
-        )
+    tasks: dict[str, Task] = index_by_id(_json(root / "tasks.json"), parse_task, str(root / "tasks.json"), "task",
+                                         "see tau2-bench's src/tau2/data_model/tasks.py")  # fmt: skip
     splits: dict[str, list[str]] = {}
     split_path = root / "split_tasks.json"
     if split_path.is_file():
